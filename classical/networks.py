@@ -1,0 +1,99 @@
+"""Classical baselines: the authors' MNIST network and LeNet-5.
+
+Each network builds its convolution stages with a ``conv_block`` factory,
+``conv_block(in_channels, out_channels, kernel_size, padding=..., pooling=...)``, returning a
+module for conv + activation (+ pooling). The default is the classical block; passing a
+factory that returns ``qcnn.QConv2d`` turns the same network into a QCNN without copying it
+(see ``experiments.models``).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class ConvBlock(Protocol):
+    def __call__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        *,
+        padding: int = 0,
+        pooling: str | None = None,
+    ) -> nn.Module: ...
+
+
+def conv_relu(
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int,
+    *,
+    padding: int = 0,
+    pooling: str | None = None,
+) -> nn.Sequential:
+    """Conv2d -> ReLU, then 2x2 max or average pooling if ``pooling`` names one."""
+    layers: list[nn.Module] = [
+        nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding),
+        nn.ReLU(),
+    ]
+    if pooling == "max":
+        layers.append(nn.MaxPool2d(2))
+    elif pooling == "avg":
+        layers.append(nn.AvgPool2d(2))
+    elif pooling is not None:
+        raise ValueError(f"pooling must be None, 'max' or 'avg', got {pooling!r}")
+    return nn.Sequential(*layers)
+
+
+class AuthorsNet(nn.Module):
+    """The network of Kerenidis, Landman and Prakash's MNIST experiment (spec section 6).
+
+    conv 1->5 (7x7) -> act -> conv 5->10 (7x7) -> act -> flatten (10*16*16 = 2560)
+    -> fc 300 -> ReLU -> fc 50 -> ReLU -> fc 10 -> log-softmax. No pooling.
+    Input (N, 1, 28, 28), output (N, 10) log-probabilities.
+    """
+
+    def __init__(self, conv_block: ConvBlock = conv_relu) -> None:
+        super().__init__()
+        self.conv1 = conv_block(1, 5, 7)
+        self.conv2 = conv_block(5, 10, 7)
+        self.fc1 = nn.Linear(2560, 300)
+        self.fc2 = nn.Linear(300, 50)
+        self.fc3 = nn.Linear(50, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv2(self.conv1(x)).flatten(1)
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        return F.log_softmax(self.fc3(x), dim=1)
+
+
+class LeNet5(nn.Module):
+    """LeNet-5 (LeCun et al. 1998) with ReLU and max pooling, on 28x28 input.
+
+    conv 1->6 (5x5, padding 2, as for the original 32x32 input) -> act -> pool 2
+    -> conv 6->16 (5x5) -> act -> pool 2 -> flatten (16*5*5 = 400)
+    -> fc 120 -> ReLU -> fc 84 -> ReLU -> fc 10 -> log-softmax.
+    """
+
+    def __init__(self, conv_block: ConvBlock = conv_relu) -> None:
+        super().__init__()
+        self.conv1 = conv_block(1, 6, 5, padding=2, pooling="max")
+        self.conv2 = conv_block(6, 16, 5, pooling="max")
+        self.fc1 = nn.Linear(400, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv2(self.conv1(x)).flatten(1)
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        return F.log_softmax(self.fc3(x), dim=1)
+
+
+NETWORKS = {"authors": AuthorsNet, "lenet5": LeNet5}

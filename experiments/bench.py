@@ -1,0 +1,108 @@
+"""Speed of the QCNN layer against the classical one, measured as ratios in one run.
+
+For each device and batch size: one training step (forward, backward, optimiser) of the
+authors' network as CNN, as QCNN in theory mode and as QCNN in authors mode, and the two
+conv blocks alone (forward + backward). Variants are timed in interleaved rounds so that
+machine noise hits them alike; the median step time of each is reported with its ratio to
+the classical one. This is a benchmark, not a test: nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch.nn import functional as F
+
+from experiments.config import RunConfig
+from experiments.models import build_model, build_optimiser
+
+VARIANTS = {
+    "cnn": RunConfig(model="cnn"),
+    "qcnn-theory": RunConfig(model="qcnn", mode="theory"),
+    "qcnn-authors": RunConfig(model="qcnn", mode="authors"),
+}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _training_step(config: RunConfig, device: torch.device, batch: int) -> Callable[[], None]:
+    generator = torch.Generator(device).manual_seed(config.seed)
+    model = build_model(config, device, generator)
+    optimiser = build_optimiser(config, model, generator)
+    images = torch.randn(batch, 1, 28, 28, device=device, generator=generator)
+    labels = torch.randint(0, 10, (batch,), device=device, generator=generator)
+
+    def step() -> None:
+        optimiser.zero_grad(set_to_none=True)
+        F.nll_loss(model(images), labels).backward()
+        optimiser.step()
+
+    return step
+
+
+def _conv_blocks(config: RunConfig, device: torch.device, batch: int) -> Callable[[], None]:
+    generator = torch.Generator(device).manual_seed(config.seed)
+    model = build_model(config, device, generator)
+    images = torch.randn(batch, 1, 28, 28, device=device, generator=generator)
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        model.conv2(model.conv1(images)).sum().backward()
+
+    return step
+
+
+def time_interleaved(
+    steps: dict[str, Callable[[], None]], device: torch.device, rounds: int, repeat: int
+) -> dict[str, float]:
+    """Median seconds per call of each step, timed in ``rounds`` alternating rounds."""
+    for step in steps.values():  # warm-up: allocators, numba compilation, cuDNN choice
+        for _ in range(3):
+            step()
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(repeat):
+                step()
+            _sync(device)
+            samples[name].append((time.perf_counter() - start) / repeat)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def machine_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def run_bench(
+    devices: list[torch.device], batch_sizes: list[int], rounds: int = 15, repeat: int = 5
+) -> list[dict]:
+    """Time every variant; print and return one row per (device, batch, what, variant)."""
+    rows = []
+    print(f"torch {torch.__version__}; rounds={rounds}, steps per round={repeat}")
+    for device in devices:
+        print(f"\n== {device}: {machine_description(device)}")
+        print(f"{'batch':>5}  {'timed':<14} {'variant':<13} {'ms':>8}  {'ratio to cnn':>12}")
+        for batch in batch_sizes:
+            for what, make in (("training step", _training_step), ("conv blocks", _conv_blocks)):
+                steps = {name: make(cfg, device, batch) for name, cfg in VARIANTS.items()}
+                medians = time_interleaved(steps, device, rounds, repeat)
+                for name, seconds in medians.items():
+                    ratio = seconds / medians["cnn"]
+                    rows.append(
+                        {"device": str(device), "machine": machine_description(device),
+                         "batch": batch, "timed": what, "variant": name,
+                         "ms": seconds * 1e3, "ratio": ratio}
+                    )  # fmt: skip
+                    print(f"{batch:>5}  {what:<14} {name:<13} {seconds * 1e3:>8.2f}  {ratio:>12.2f}")
+    return rows

@@ -1,0 +1,134 @@
+"""Command line: ``python -m experiments {compare,bench} ...`` (also the ``qcnn`` script)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from experiments.config import RunConfig
+
+log = logging.getLogger("experiments")
+DEFAULTS = RunConfig()
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" takes CUDA when present and says so when it falls back to the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        log.warning("--device auto: no CUDA device found, running on the CPU")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
+    if name not in ("cpu", "cuda"):
+        raise SystemExit(f"--device must be auto, cpu or cuda, got {name!r}")
+    return torch.device(name)
+
+
+def optional_float(text: str) -> float | None:
+    """A float, 'inf', or 'none' (for σ: sampling off)."""
+    return None if text.lower() == "none" else float(text)
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """The options of one training run, defaults from RunConfig (the paper's)."""
+    d = DEFAULTS
+    group = parser.add_argument_group("training (defaults: the paper's)")
+    group.add_argument("--net", choices=("authors", "lenet5"), default=d.net, help="network")
+    group.add_argument("--epochs", type=int, default=d.epochs)
+    group.add_argument("--train-limit", type=int, default=None, help="first N training images")
+    group.add_argument("--test-limit", type=int, default=None, help="first N test images")
+    group.add_argument("--batch-size", type=int, default=d.batch_size)
+    group.add_argument("--test-batch-size", type=int, default=d.test_batch_size)
+    group.add_argument("--lr", type=float, default=d.lr)
+    group.add_argument("--momentum", type=float, default=d.momentum)
+    group = parser.add_argument_group("QCNN layer (see qcnn.QConvOptions)")
+    group.add_argument("--epsilon", type=float, default=d.epsilon, help="inner-product error ε")
+    group.add_argument("--cap", type=float, default=d.cap, help="ReLU cap C ('inf' for none)")
+    group.add_argument("--sigma", type=optional_float, default=d.sigma, help="sampling ratio σ, or 'none'")
+    group.add_argument("--delta", type=float, default=d.delta, help="gradient error δ")
+    group.add_argument("--mode", choices=("theory", "authors"), default=d.mode,
+                       help="theory: exact norms, f(Y+noise), δ in the layers' backward; "
+                            "authors: the authors' simulation")  # fmt: skip
+    group.add_argument("--estimator", default=d.estimator,
+                       choices=("exact", "gaussian", "shots", "amplitude-estimation"))  # fmt: skip
+    group.add_argument("--sampling", choices=("linear", "quadratic"), default=d.sampling)
+    group.add_argument("--backprop", choices=("exact", "gaussian", "tomography"), default=d.backprop)
+    group = parser.add_argument_group("where")
+    group.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    group.add_argument("--data-dir", default=None, help="folder with the MNIST IDX files")
+    group.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run_config(args: argparse.Namespace, **overrides) -> RunConfig:
+    fields = RunConfig.__dataclass_fields__
+    values = {name: getattr(args, name) for name in fields if hasattr(args, name)}
+    return RunConfig(**{**values, **overrides})
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from experiments.compare import format_table, run_compare
+    from experiments.data import load_mnist
+
+    try:
+        base = run_config(args, seed=args.seed, model="qcnn")  # each run sets its model
+    except ValueError as error:
+        raise SystemExit(str(error)) from error
+    device = resolve_device(args.device)
+    models = ["cnn", "qcnn"] if args.model == "both" else [args.model]
+    data = load_mnist(args.data_dir, device)
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    print(f"compare: {', '.join(models)} on {device}, seeds {seeds}, results in {args.out}")
+    started = time.perf_counter()
+    rows = run_compare(base, seeds, models, data, Path(args.out), device, not args.no_progress)
+    print()
+    print(format_table(rows))
+    print(f"\nwall time {time.perf_counter() - started:.1f} s; "
+          f"summary.csv, curves.png and one folder per run in {args.out}")  # fmt: skip
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from experiments.bench import run_bench
+
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available() and not args.cpu_only:
+        devices.append(torch.device("cuda"))
+    run_bench(devices, args.batch_sizes, args.rounds, args.repeat)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments",
+        description="QCNN (Kerenidis, Landman, Prakash, ICLR 2020) experiments on MNIST.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    compare = sub.add_parser("compare", help="train CNN and QCNN on MNIST and compare them")
+    compare.add_argument("--model", choices=("cnn", "qcnn", "both"), default="both")
+    compare.add_argument("--seed", type=int, default=DEFAULTS.seed, help="first seed")
+    compare.add_argument("--seeds", type=int, default=1, help="number of seeds (seed, seed+1, ...)")
+    compare.add_argument("--out", default="runs/compare", help="output folder (resumable)")
+    add_run_options(compare)
+    compare.set_defaults(func=cmd_compare)
+
+    bench = sub.add_parser("bench", help="time QCNN against CNN training steps (not a test)")
+    bench.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 512])
+    bench.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds")
+    bench.add_argument("--repeat", type=int, default=5, help="steps per round")
+    bench.add_argument("--cpu-only", action="store_true", help="skip CUDA even when present")
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

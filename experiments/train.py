@@ -1,0 +1,152 @@
+"""Training and evaluation of one run, as the authors did it (spec section 6).
+
+A run writes into its folder as it goes: ``curve.csv`` (mini-batch loss every
+``log_every`` batches against training images seen, the authors' x-axis), ``metrics.json``
+(config, per-epoch test loss and accuracy, wall times, QCNN running-time accounting), and
+``checkpoint.pt`` at every epoch end. Rerunning the same config in the same folder resumes
+from the last checkpoint, or returns at once if the run had finished.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from experiments.config import RunConfig
+from experiments.data import Mnist, batches
+from experiments.files import atomic_save, atomic_write_text
+from experiments.models import build_model, build_optimiser, qconv_layers
+
+CURVE_FIELDS = ("epoch", "batch", "images_seen", "loss")
+
+
+def read_finished(out_dir: Path, config: RunConfig) -> dict | None:
+    """The metrics of a finished run of ``config`` in ``out_dir``, else None."""
+    path = out_dir / "metrics.json"
+    if not path.is_file():
+        return None
+    metrics = json.loads(path.read_text())
+    if metrics.get("finished") and metrics.get("config") == config.as_dict():
+        return metrics
+    return None
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int
+) -> dict:
+    """Test loss, accuracy and (QCNN) mean per-layer running-time accounting.
+
+    The QCNN keeps its quantum forward pass (noise, cap, sampling) at test time.
+    """
+    model.eval()
+    layers = qconv_layers(model)
+    costs: dict[str, list[dict]] = {name: [] for name in layers}
+    for layer in layers.values():
+        layer.track_cost = True
+    loss_sum, correct = 0.0, 0
+    try:
+        for x, y in batches(images, labels, batch_size):
+            out = model(x)
+            loss_sum += F.nll_loss(out, y, reduction="sum").item()
+            correct += (out.argmax(1) == y).sum().item()
+            for name, layer in layers.items():
+                costs[name].append(layer.last_cost.as_dict())
+    finally:
+        for layer in layers.values():
+            layer.track_cost = False
+    model.train()
+    summary = {
+        name: {key: _mean([row[key] for row in rows]) for key in rows[0]}
+        for name, rows in costs.items()
+        if rows
+    }
+    return {"test_loss": loss_sum / len(images), "test_accuracy": correct / len(images), "cost": summary}
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else math.inf
+
+
+def train_run(
+    config: RunConfig,
+    data: Mnist,
+    out_dir: Path,
+    device: torch.device,
+    progress: bool = True,
+) -> dict:
+    """Train and evaluate one run in ``out_dir``; resumable; returns its metrics."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if (finished := read_finished(out_dir, config)) is not None:
+        return finished
+    train_x, train_y = data.train_images[: config.train_limit], data.train_labels[: config.train_limit]
+    test_x, test_y = data.test_images[: config.test_limit], data.test_labels[: config.test_limit]
+
+    noise = torch.Generator(device).manual_seed(config.seed)  # the QCNN layers' randomness
+    order = torch.Generator().manual_seed(config.seed)  # data order, identical on every device
+    model = build_model(config, device, noise)
+    optimiser = build_optimiser(config, model, noise)
+    metrics = {"config": config.as_dict(), "device": str(device), "epochs": [], "finished": False}
+    curve_path, checkpoint_path = out_dir / "curve.csv", out_dir / "checkpoint.pt"
+    curve: list[dict] = []
+    start_epoch = 0
+    if checkpoint_path.is_file():
+        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        if state["config"] == config.as_dict():
+            model.load_state_dict(state["model"])
+            optimiser.load_state_dict(state["optimiser"])
+            noise.set_state(state["noise"])
+            order.set_state(state["order"])
+            metrics, curve, start_epoch = state["metrics"], state["curve"], state["epoch"]
+
+    with open(curve_path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, CURVE_FIELDS)
+        writer.writeheader()
+        writer.writerows(curve)
+        handle.flush()
+        batches_per_epoch = math.ceil(len(train_x) / config.batch_size)
+        for epoch in range(start_epoch, config.epochs):
+            started = time.perf_counter()
+            model.train()
+            bar = tqdm(
+                batches(train_x, train_y, config.batch_size, order),
+                total=batches_per_epoch,
+                desc=f"{config.model} epoch {epoch + 1}/{config.epochs}",
+                disable=not progress,
+                leave=False,
+            )
+            for index, (x, y) in enumerate(bar):
+                optimiser.zero_grad(set_to_none=True)
+                loss = F.nll_loss(model(x), y)
+                loss.backward()
+                optimiser.step()
+                if index % config.log_every == 0:
+                    seen = epoch * len(train_x) + index * config.batch_size + len(x)
+                    row = {"epoch": epoch, "batch": index, "images_seen": seen, "loss": loss.item()}
+                    curve.append(row)
+                    writer.writerow(row)
+                    handle.flush()
+                    bar.set_postfix(loss=f"{row['loss']:.3f}")
+            train_seconds = time.perf_counter() - started
+            result = evaluate(model, test_x, test_y, config.test_batch_size)
+            metrics["epochs"].append({"epoch": epoch + 1, "train_seconds": train_seconds, **result})
+            metrics.update(result)
+            metrics["train_seconds"] = sum(e["train_seconds"] for e in metrics["epochs"])
+            metrics["finished"] = epoch + 1 == config.epochs
+            atomic_save(
+                {"config": config.as_dict(), "model": model.state_dict(),
+                 "optimiser": optimiser.state_dict(), "noise": noise.get_state(),
+                 "order": order.get_state(), "metrics": metrics, "curve": curve, "epoch": epoch + 1},
+                checkpoint_path,
+            )  # fmt: skip
+            atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
+    return metrics

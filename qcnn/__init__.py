@@ -1,0 +1,22 @@
+"""Quantum convolutional neural networks (Kerenidis, Landman, Prakash, ICLR 2020) in PyTorch.
+
+The specification is ``qcnn-algorithm.md``; :class:`QConv2d` is the layer,
+:func:`qcnn.functional.qconv2d` its functional form, :class:`QuantumSGD` and
+:func:`add_gradient_noise` the optimiser-level quantum gradient error.
+"""
+
+from qcnn import cost, functional
+from qcnn.backprop import QuantumSGD, add_gradient_noise
+from qcnn.cost import LayerCost
+from qcnn.layer import QConv2d
+from qcnn.options import QConvOptions
+
+__all__ = [
+    "LayerCost",
+    "QConv2d",
+    "QConvOptions",
+    "QuantumSGD",
+    "add_gradient_noise",
+    "cost",
+    "functional",
+]

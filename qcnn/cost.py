@@ -1,0 +1,82 @@
+"""Running-time accounting, ``qcnn-algorithm.md`` section 4.
+
+Per layer and per image, with K = D'H'W' outputs and kernel volume D·h·w:
+
+- classical cost: K · D·h·w multiply-adds;
+- quantum cost: N_s · M √C / (ε √E), with N_s = ⌊σK⌋ samples (K without sampling),
+  M = max_{p,q} ‖A_p‖‖F_q‖ and E = mean of f(Ŷ) over the outputs (the amplitude
+  amplification cost √(C/E)); polylog factors are left out.
+
+A :class:`LayerCost` averages these over the images of one forward pass. Accounting is
+opt-in (``QConv2d.track_cost``) so that it costs nothing when off. With C = ∞ the largest
+f(Ŷ) of the image stands in for C; with ε = 0 the quantum cost is infinite.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from qcnn.sampling import tomography_eta
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    images: int
+    outputs: int  # K
+    samples: int  # N_s
+    max_norm_product: float  # M, mean over images
+    mean_activation: float  # E, mean over images
+    distinct_fraction: float  # distinct positions kept / K, mean over images
+    eta: float  # ℓ∞ tomography precision of N_s samples
+    quantum_cost: float  # per image, mean over images with E > 0
+    classical_cost: float  # multiply-adds per image
+
+    @property
+    def speedup(self) -> float:
+        """Classical over quantum cost: above 1 where the quantum layer would be cheaper."""
+        return self.classical_cost / self.quantum_cost if self.quantum_cost > 0 else math.inf
+
+    def as_dict(self) -> dict[str, float]:
+        return {**asdict(self), "speedup": self.speedup}
+
+
+@torch.no_grad()
+def layer_cost(
+    scale: torch.Tensor,
+    activations: torch.Tensor,
+    kept: torch.Tensor | None,
+    samples: int,
+    epsilon: float,
+    cap: float,
+    kernel_volume: int,
+) -> LayerCost:
+    """The cost of one forward pass from ‖A‖‖F‖ (``scale``), f(Ŷ) and the sampling mask."""
+    images = len(activations)
+    flat = activations.reshape(images, -1).double()
+    outputs = flat.shape[1]
+    m = scale.expand_as(activations).reshape(images, -1).amax(1).double()
+    e = flat.mean(1)
+    c = torch.full_like(e, cap) if math.isfinite(cap) else flat.amax(1)
+    active = e > 0
+    if epsilon == 0:
+        quantum = math.inf
+    elif active.any():
+        per_image = samples * m[active] * c[active].sqrt() / (epsilon * e[active].sqrt())
+        quantum = per_image.mean().item()
+    else:
+        quantum = 0.0
+    distinct = 1.0 if kept is None else kept.reshape(images, -1).double().mean(1).mean().item()
+    return LayerCost(
+        images=images,
+        outputs=outputs,
+        samples=samples,
+        max_norm_product=m.mean().item(),
+        mean_activation=e.mean().item(),
+        distinct_fraction=distinct,
+        eta=tomography_eta(outputs, samples),
+        quantum_cost=quantum,
+        classical_cost=float(outputs * kernel_volume),
+    )

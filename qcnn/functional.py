@@ -1,0 +1,154 @@
+"""The QCNN layer as a function: ``qcnn-algorithm.md`` sections 1 to 3.
+
+Forward, per image and vectorised over the batch:
+  Y = conv2d(X, K)                         (section 1, the matrix product A F)
+  Ŷ = estimate(Y, ‖A_p‖‖F_q‖) + bias        (section 2.1, error model)
+  f = min(max(Ŷ, 0), C)                    (section 2.2, capped ReLU)
+  out = f at ⌊σK⌋ sampled positions, else 0 (section 2.3)
+  out = pool(out)                          (section 2.4, optional)
+
+Backward (section 3): G = ∂L/∂out gated by the sampling mask and the cap (the estimation
+noise is a constant of the forward pass), then ∂L/∂F = AᵀG and ∂L/∂X = col2im(G Fᵀ)
+computed exactly by ``convolution_backward``, then read out through the δ error model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.nn import functional as F
+from torch.nn.modules.utils import _pair
+
+from qcnn.backprop import noisy_gradient
+from qcnn.cost import LayerCost, layer_cost
+from qcnn.estimation import estimate, patch_norms
+from qcnn.options import QConvOptions
+from qcnn.sampling import n_samples, sample_mask
+
+CostRecorder = Callable[[LayerCost], None]
+
+
+def check_input(x: torch.Tensor, weight: torch.Tensor, generator: torch.Generator | None) -> None:
+    """ValueError for input the layer cannot take, before any work is done."""
+    if x.dim() != 4:
+        raise ValueError(f"input must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    if x.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"input has {x.shape[1]} channels, the layer expects in_channels={weight.shape[1]}"
+        )
+    # NaN and inf propagate through a sum; float64 cannot overflow on float32 input.
+    if not torch.isfinite(x.sum(dtype=torch.float64)):
+        raise ValueError("input contains NaN or inf")
+    if generator is not None and generator.device.type != x.device.type:
+        raise ValueError(
+            f"generator is on {generator.device}, input on {x.device}: they must match"
+        )
+
+
+class _QConv2d(torch.autograd.Function):
+    """Estimation, cap and sampling forward; exact gated backward plus the δ model."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, options, generator, record):
+        y = F.conv2d(x, weight, None, stride, padding)
+        kernel_norms = torch.linalg.vector_norm(weight.flatten(1), dim=1).view(1, -1, 1, 1)
+        norms = patch_norms(x, weight.shape[2:], stride, padding, options.norms == "authors")
+        scale = norms * kernel_norms
+        y_hat = estimate(y, scale, options, generator)
+        if bias is not None:
+            y = y + bias.view(1, -1, 1, 1)
+            y_hat = y_hat + bias.view(1, -1, 1, 1)
+        cap = options.cap
+        if options.cap_order == "theory":
+            f = y_hat.clamp(0, cap)
+            gate = (y_hat > 0) & (y_hat < cap)
+        else:  # the authors' clamp(clamp(Y) + noise)
+            inner = y.clamp(0, cap)
+            noisy = inner + (y_hat - y)
+            f = noisy.clamp(0, cap)
+            gate = (y > 0) & (y < cap) & (noisy > 0) & (noisy < cap)
+        outputs = f[0].numel()
+        if options.sigma is None:
+            kept, samples, out = None, outputs, f
+        else:
+            kept = sample_mask(f, options.sigma, options.sampling, generator)
+            samples = n_samples(options.sigma, outputs)
+            out = f * kept
+            gate &= kept
+        if record is not None:
+            volume = weight[0].numel()
+            record(layer_cost(scale, f, kept, samples, options.epsilon, cap, volume))
+        ctx.save_for_backward(x, weight, gate)
+        ctx.conv = (stride, padding, bias is not None)
+        ctx.options, ctx.generator = options, generator
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, gate = ctx.saved_tensors
+        stride, padding, has_bias = ctx.conv
+        options, generator = ctx.options, ctx.generator
+        grad_y = grad_out * gate
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad_y, x, weight, [weight.shape[0]] if has_bias else None,
+            stride, padding, (1, 1), False, (0, 0), 1, (need_x, need_w, need_b and has_bias),
+        )  # fmt: skip
+        if need_w:
+            grad_w = noisy_gradient(grad_w, options.delta, options.backprop, generator)
+        if need_x:
+            rows = len(x)  # each image's ∂L/∂X is read out by its own tomography
+            grad_x = noisy_gradient(grad_x, options.delta, options.backprop, generator, rows)
+        return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+def qconv2d_with_options(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: int | tuple[int, int],
+    padding: int | tuple[int, int],
+    options: QConvOptions,
+    generator: torch.Generator | None = None,
+    record: CostRecorder | None = None,
+) -> torch.Tensor:
+    """:func:`qconv2d` with options already validated (what ``QConv2d.forward`` calls)."""
+    check_input(input, weight, generator)
+    out = _QConv2d.apply(
+        input, weight, bias, _pair(stride), _pair(padding), options, generator, record
+    )
+    if options.pooling == "max":
+        out = F.max_pool2d(out, options.pool_size)
+    elif options.pooling == "avg":
+        out = F.avg_pool2d(out, options.pool_size)
+    return out
+
+
+def qconv2d(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    *,
+    epsilon: float = 0.01,
+    cap: float = 10.0,
+    sigma: float | None = 0.5,
+    delta: float = 0.01,
+    generator: torch.Generator | None = None,
+    record: CostRecorder | None = None,
+    **options,
+) -> torch.Tensor:
+    """Quantum convolution + capped ReLU + sampling (+ pooling) of ``input`` (N, D, H, W).
+
+    ``weight`` is (D', D, h, w) as for ``torch.nn.functional.conv2d``; the output is
+    (N, D', H', W'), pooled if ``pooling`` is set. Keyword options and their defaults are
+    those of :class:`qcnn.options.QConvOptions` (``estimator``, ``shots``, ``ae_qubits``,
+    ``norms``, ``cap_order``, ``sampling``, ``pooling``, ``pool_size``, ``backprop``).
+    Randomness comes from ``generator`` (the global RNG if None). ``record``, if given, is
+    called with the :class:`qcnn.cost.LayerCost` of this forward pass.
+    """
+    validated = QConvOptions(epsilon=epsilon, cap=cap, sigma=sigma, delta=delta, **options)
+    return qconv2d_with_options(input, weight, bias, stride, padding, validated, generator, record)
+

@@ -1,0 +1,112 @@
+"""``QConv2d``: the QCNN layer as a drop-in ``nn.Module`` (``qcnn-algorithm.md`` sections 1-4).
+
+It owns the kernels and bias like ``nn.Conv2d`` (same shapes, same initialisation), holds the
+validated :class:`~qcnn.options.QConvOptions`, and its forward calls
+:func:`qcnn.functional.qconv2d_with_options`. Replacing ``nn.Conv2d`` + ``nn.ReLU`` (+ pooling)
+by ``QConv2d`` is a one-line change.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import torch
+from torch import nn
+from torch.nn.modules.utils import _pair
+
+from qcnn.cost import LayerCost
+from qcnn.functional import qconv2d_with_options
+from qcnn.options import QConvOptions
+
+
+class QConv2d(nn.Module):
+    """Quantum convolution layer (Kerenidis, Landman, Prakash, ICLR 2020).
+
+    Input (N, in_channels, H, W) -> output (N, out_channels, H', W') (pooled if asked),
+    with H' = (H + 2·padding − kernel) // stride + 1. Options after ``*`` are those of
+    :class:`~qcnn.options.QConvOptions`. ``generator`` (a ``torch.Generator`` on the input's
+    device) drives all randomness; None uses PyTorch's global RNG. Set ``track_cost = True``
+    to record each forward's :class:`~qcnn.cost.LayerCost` in ``last_cost``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] = 0,
+        bias: bool = True,
+        *,
+        epsilon: float = 0.01,
+        cap: float = 10.0,
+        sigma: float | None = 0.5,
+        delta: float = 0.01,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        **options,
+    ) -> None:
+        super().__init__()
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if not (isinstance(value, int) and value > 0):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.options = QConvOptions(epsilon=epsilon, cap=cap, sigma=sigma, delta=delta, **options)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = (
+            _pair(kernel_size), _pair(stride), _pair(padding)
+        )  # fmt: skip
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *self.kernel_size, **factory))
+        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        self.generator = generator
+        self.track_cost = False
+        self.last_cost: LayerCost | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The initialisation of ``nn.Conv2d``, drawing the same random numbers in the same order."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.weight[0].numel())
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, **options) -> QConv2d:
+        """A QConv2d with a copy of ``conv``'s weights and bias (e.g. trained classically)."""
+        if conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros":
+            raise ValueError(
+                "from_conv needs groups=1, dilation=1 and padding_mode='zeros', got "
+                f"groups={conv.groups}, dilation={conv.dilation}, padding_mode={conv.padding_mode!r}"
+            )
+        layer = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+            conv.bias is not None, device=conv.weight.device, dtype=conv.weight.dtype, **options,
+        )  # fmt: skip
+        with torch.no_grad():
+            layer.weight.copy_(conv.weight)
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias)
+        return layer
+
+    def configure(self, **options) -> None:
+        """Change options in place (validated), e.g. ``layer.configure(sigma=0.2)``."""
+        self.options = replace(self.options, **options)
+
+    def _store_cost(self, cost: LayerCost) -> None:
+        self.last_cost = cost
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        record = self._store_cost if self.track_cost else None
+        return qconv2d_with_options(
+            input, self.weight, self.bias, self.stride, self.padding,
+            self.options, self.generator, record,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}, "
+            f"{self.options.describe()}"
+        )

@@ -1,0 +1,103 @@
+"""The options of one QCNN layer, validated once, with the defaults in one place.
+
+Defaults follow the theory of ``qcnn-algorithm.md``; every place where the authors'
+simulation differs has an option that reproduces it (``norms="authors"``,
+``cap_order="authors"``, and ``backprop="exact"`` with :class:`qcnn.QuantumSGD`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+ESTIMATORS = ("exact", "gaussian", "shots", "amplitude-estimation")
+NORMS = ("exact", "authors")
+CAP_ORDERS = ("theory", "authors")
+SAMPLINGS = ("linear", "quadratic")
+POOLINGS = (None, "max", "avg")
+BACKPROPS = ("exact", "gaussian", "tomography")
+
+
+def _choice(name: str, value: object, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class QConvOptions:
+    """How the layer estimates, caps, samples, pools and backpropagates.
+
+    epsilon: inner-product precision ε >= 0 (section 2.1). ``gaussian`` adds
+        2ε‖A_p‖‖F_q‖ξ; ``shots`` uses ⌈1/(4ε²)⌉ shots unless ``shots`` is given;
+        ``amplitude-estimation`` uses m = ⌈log2(π/ε)⌉ evaluation qubits unless ``ae_qubits``.
+    cap: C > 0 of the capped ReLU min(max(x, 0), C); ``math.inf`` gives a plain ReLU.
+    sigma: fraction σ in (0, 1] of outputs drawn per image (⌊σK⌋ draws with replacement);
+        None keeps every output (sampling off).
+    sampling: draw positions with probability ∝ f ("linear") or ∝ f² ("quadratic").
+    norms: "exact" per image and patch; "authors" takes ‖A_p‖ from image 0, channel 0.
+    cap_order: "theory" f(Y + noise); "authors" clamp(clamp(Y) + noise).
+    pooling: None, "max" or "avg" pooling of size ``pool_size`` on the sampled tensor.
+    delta: gradient precision δ >= 0 (section 3) applied in the layer's backward by
+        ``backprop``: "gaussian" g + δ‖g‖₂ξ, "tomography" simulated ℓ∞ tomography, "exact".
+    """
+
+    epsilon: float = 0.01
+    cap: float = 10.0
+    sigma: float | None = 0.5
+    estimator: str = "gaussian"
+    shots: int | None = None
+    ae_qubits: int | None = None
+    norms: str = "exact"
+    cap_order: str = "theory"
+    sampling: str = "linear"
+    pooling: str | None = None
+    pool_size: int = 2
+    delta: float = 0.01
+    backprop: str = "gaussian"
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.epsilon, int | float) and 0 <= self.epsilon < math.inf):
+            raise ValueError(f"epsilon must be a finite number >= 0, got {self.epsilon!r}")
+        if not (isinstance(self.cap, int | float) and self.cap > 0):
+            raise ValueError(f"cap must be > 0 (math.inf for no cap), got {self.cap!r}")
+        if self.sigma is not None and not (
+            isinstance(self.sigma, int | float) and 0 < self.sigma <= 1
+        ):
+            raise ValueError(f"sigma must be in (0, 1] or None (no sampling), got {self.sigma!r}")
+        if not (isinstance(self.delta, int | float) and 0 <= self.delta < math.inf):
+            raise ValueError(f"delta must be a finite number >= 0, got {self.delta!r}")
+        _choice("estimator", self.estimator, ESTIMATORS)
+        _choice("norms", self.norms, NORMS)
+        _choice("cap_order", self.cap_order, CAP_ORDERS)
+        _choice("sampling", self.sampling, SAMPLINGS)
+        _choice("pooling", self.pooling, POOLINGS)
+        _choice("backprop", self.backprop, BACKPROPS)
+        if self.shots is not None and not (isinstance(self.shots, int) and self.shots >= 1):
+            raise ValueError(f"shots must be a positive integer or None, got {self.shots!r}")
+        if self.ae_qubits is not None and not (
+            isinstance(self.ae_qubits, int) and 1 <= self.ae_qubits <= 16
+        ):
+            raise ValueError(f"ae_qubits must be an integer in [1, 16] or None, got {self.ae_qubits!r}")
+        if not (isinstance(self.pool_size, int) and self.pool_size >= 1):
+            raise ValueError(f"pool_size must be a positive integer, got {self.pool_size!r}")
+        if self.estimator in ("shots", "amplitude-estimation") and self.epsilon == 0:
+            if (self.shots if self.estimator == "shots" else self.ae_qubits) is None:
+                raise ValueError(
+                    f"estimator {self.estimator!r} with epsilon=0 needs an explicit "
+                    f"{'shots' if self.estimator == 'shots' else 'ae_qubits'}"
+                )
+
+    @property
+    def n_shots(self) -> int:
+        """Shots of the Hadamard test: N = ⌈1/(4ε²)⌉ gives std 2P̂−1 <= 2ε."""
+        return self.shots if self.shots is not None else math.ceil(1 / (4 * self.epsilon**2))
+
+    @property
+    def n_ae_qubits(self) -> int:
+        """Evaluation qubits of amplitude estimation: 2^m >= π/ε."""
+        if self.ae_qubits is not None:
+            return self.ae_qubits
+        return max(1, math.ceil(math.log2(math.pi / self.epsilon)))
+
+    def describe(self) -> str:
+        return ", ".join(f"{key}={value!r}" for key, value in asdict(self).items())
