@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
+from qcnn.options import QConvOptions
+
 MODES = ("theory", "authors")
 
 
@@ -50,6 +52,7 @@ class RunConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        QConvOptions(**self.layer_options())  # the layer's own checks, before any work
 
     def layer_options(self) -> dict:
         """Keyword options of ``qcnn.QConv2d`` for this run."""

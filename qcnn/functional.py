@@ -115,9 +115,12 @@ def qconv2d_with_options(
 ) -> torch.Tensor:
     """:func:`qconv2d` with options already validated (what ``QConv2d.forward`` calls)."""
     check_input(input, weight, generator)
-    out = _QConv2d.apply(
-        input, weight, bias, _pair(stride), _pair(padding), options, generator, record
-    )
+    if options.backend == "torch":
+        out = _QConv2d.apply(input, weight, bias, _pair(stride), _pair(padding), options, generator, record)
+    else:
+        from qcnn.backends.layer import circuit_qconv2d  # imports the circuit packages
+
+        out = circuit_qconv2d(input, weight, bias, _pair(stride), _pair(padding), options, generator)
     if options.pooling == "max":
         out = F.max_pool2d(out, options.pool_size)
     elif options.pooling == "avg":

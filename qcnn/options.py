@@ -16,6 +16,8 @@ CAP_ORDERS = ("theory", "authors")
 SAMPLINGS = ("linear", "quadratic")
 POOLINGS = (None, "max", "avg")
 BACKPROPS = ("exact", "gaussian", "tomography")
+BACKENDS = ("torch", "pennylane", "qiskit-aer")
+BACKEND_DEVICES = ("auto", "cpu", "gpu")
 
 
 def _choice(name: str, value: object, allowed: tuple) -> None:
@@ -39,6 +41,9 @@ class QConvOptions:
     pooling: None, "max" or "avg" pooling of size ``pool_size`` on the sampled tensor.
     delta: gradient precision δ >= 0 (section 3) applied in the layer's backward by
         ``backprop``: "gaussian" g + δ‖g‖₂ξ, "tomography" simulated ℓ∞ tomography, "exact".
+    backend: "torch" emulates; "pennylane" or "qiskit-aer" run every inner product and the
+        sampling as circuits (forward only, estimator "shots" or "amplitude-estimation",
+        exact norms), on ``backend_device`` "auto", "cpu" or "gpu".
     """
 
     epsilon: float = 0.01
@@ -54,6 +59,8 @@ class QConvOptions:
     pool_size: int = 2
     delta: float = 0.01
     backprop: str = "gaussian"
+    backend: str = "torch"
+    backend_device: str = "auto"
 
     def __post_init__(self) -> None:
         if not (isinstance(self.epsilon, int | float) and 0 <= self.epsilon < math.inf):
@@ -72,6 +79,15 @@ class QConvOptions:
         _choice("sampling", self.sampling, SAMPLINGS)
         _choice("pooling", self.pooling, POOLINGS)
         _choice("backprop", self.backprop, BACKPROPS)
+        _choice("backend", self.backend, BACKENDS)
+        _choice("backend_device", self.backend_device, BACKEND_DEVICES)
+        if self.backend != "torch" and self.estimator not in ("shots", "amplitude-estimation"):
+            raise ValueError(
+                f"backend {self.backend!r} runs circuits: estimator must be 'shots' or "
+                f"'amplitude-estimation', got {self.estimator!r}"
+            )
+        if self.backend != "torch" and self.norms != "exact":
+            raise ValueError(f"backend {self.backend!r} uses exact norms, got norms={self.norms!r}")
         if self.shots is not None and not (isinstance(self.shots, int) and self.shots >= 1):
             raise ValueError(f"shots must be a positive integer or None, got {self.shots!r}")
         if self.ae_qubits is not None and not (

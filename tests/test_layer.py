@@ -31,6 +31,12 @@ def reference_norms(x, kernel_size, stride, padding):
     return columns.norm(dim=1)
 
 
+def reference_scale(x, layer, stride, padding, out_size):
+    """‖A_p‖‖F_q‖ shaped like the layer's output (B, D', H', W')."""
+    patches = reference_norms(x, layer.kernel_size, stride, padding).view(len(x), 1, *out_size)
+    return patches * layer.weight.flatten(1).norm(dim=1).view(1, -1, 1, 1)
+
+
 # --- the classical limit -------------------------------------------------------------------------
 
 
@@ -100,7 +106,7 @@ def test_gaussian_error_has_std_epsilon_stride_2_padding_1():
         layer.bias.fill_(bias)
     x = torch.randn(16, 3, 10, 10, dtype=torch.float64, generator=generator(2))
     exact = F.conv2d(x, layer.weight, None, 2, 1)
-    scale = reference_norms(x, 3, 2, 1).view(16, 1, 5, 5) * layer.weight.flatten(1).norm(dim=1).view(1, -1, 1, 1)
+    scale = reference_scale(x, layer, 2, 1, (5, 5))
     z = torch.cat([((layer(x) - bias - exact) / (2 * scale)).flatten() for _ in range(10)])
     assert_standard_normal((z / epsilon).detach().numpy())
 
@@ -371,7 +377,7 @@ def test_cost_accounting():
     assert 0 < cost.distinct_fraction <= 0.5
     assert cost.distinct_fraction == pytest.approx((out != 0).float().mean().item(), abs=0.05)
     assert cost.eta == pytest.approx(math.sqrt(math.log(k) / (k // 2)))
-    scale = reference_norms(x, 3, 1, 0).view(5, 1, 6, 6) * layer.weight.flatten(1).norm(dim=1).view(1, -1, 1, 1)
+    scale = reference_scale(x, layer, 1, 0, (6, 6))
     assert cost.max_norm_product == pytest.approx(scale.flatten(1).amax(1).mean().item(), rel=1e-5)
     expected = cost.samples * cost.max_norm_product * math.sqrt(2.0) / (0.1 * math.sqrt(cost.mean_activation))
     assert cost.quantum_cost == pytest.approx(expected, rel=0.2)  # mean of ratios vs ratio of means

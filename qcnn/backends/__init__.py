@@ -1,0 +1,107 @@
+"""Circuit backends, chosen by name (``qcnn-algorithm.md`` section 5).
+
+Every backend runs the same three primitives on states prepared by
+:mod:`qcnn.backends.circuits`:
+
+- ``hadamard_counts(states, shots, seed)``: ancilla-0 counts of the Hadamard test;
+- ``ae_outcomes(states, m, shots, seed)``: outcomes y of canonical amplitude estimation;
+- ``sample_positions(amplitudes, shots, seed)``: basis states measured from one encoding.
+
+``torch`` is the emulation (exact outcome distributions, no circuits); ``pennylane`` and
+``qiskit-aer`` build and simulate the circuits. Their packages are imported only when asked for.
+``device="auto"`` takes the GPU build when it is installed and a GPU is present, else the CPU
+with a logged notice; ``device="gpu"`` without one is an error.
+
+On top, :func:`inner_products` and :func:`sample_positions` turn tensors into states, draw a
+simulator seed from a ``torch.Generator`` and return tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from qcnn.backends.circuits import amplitude_encoding, hadamard_states
+
+log = logging.getLogger("qcnn.backends")
+BACKENDS = ("torch", "pennylane", "qiskit-aer")
+DEVICES = ("auto", "cpu", "gpu")
+
+
+class Backend(Protocol):
+    name: str
+    device: str  # what it runs on, in words
+
+    def hadamard_counts(self, states: np.ndarray, shots: int, seed: int) -> np.ndarray: ...
+
+    def ae_outcomes(self, states: np.ndarray, m: int, shots: int, seed: int) -> np.ndarray: ...
+
+    def sample_positions(self, amplitudes: np.ndarray, shots: int, seed: int) -> np.ndarray: ...
+
+
+def get_backend(name: str, device: str = "auto", simulator: str | None = None) -> Backend:
+    """The backend ``name`` on ``device``; ``simulator`` picks PennyLane's device."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    if name == "torch":
+        from qcnn.backends.emulation import TorchBackend
+
+        return TorchBackend(device)
+    if name == "pennylane":
+        from qcnn.backends.pennylane_backend import PennyLaneBackend
+
+        return PennyLaneBackend(device, simulator)
+    from qcnn.backends.qiskit_backend import QiskitAerBackend
+
+    return QiskitAerBackend(device)
+
+
+def fall_back_to_cpu(backend: str, reason: str, device: str) -> str:
+    """"cpu" after a logged notice for device="auto"; an error for an explicit "gpu"."""
+    if device == "gpu":
+        raise RuntimeError(f"{backend}: device='gpu' asked for, but {reason}")
+    log.warning("%s: %s; running on the CPU", backend, reason)
+    return "cpu"
+
+
+def draw_seed(generator: torch.Generator | None) -> int:
+    """A simulator seed from the torch generator, so circuit runs are reproducible too."""
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device))
+
+
+def inner_products(
+    backend: Backend,
+    a: torch.Tensor,
+    f: torch.Tensor,
+    *,
+    shots: int | None = None,
+    ae_qubits: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Estimates of <a_i|f_i> (normalised rows) by Hadamard test (shots) or AE (m qubits)."""
+    if (shots is None) == (ae_qubits is None):
+        raise ValueError("give exactly one of shots (Hadamard test) or ae_qubits (amplitude estimation)")
+    states = hadamard_states(a.detach().double().cpu().numpy(), f.detach().double().cpu().numpy())
+    seed = draw_seed(generator)
+    if shots is not None:
+        probability = backend.hadamard_counts(states, shots, seed) / shots
+    else:
+        outcomes = backend.ae_outcomes(states, ae_qubits, 1, seed)[:, 0]
+        probability = np.sin(math.pi * outcomes / 2**ae_qubits) ** 2
+    return torch.as_tensor(2 * probability - 1, dtype=a.dtype, device=a.device)
+
+
+def sample_positions(
+    backend: Backend, values: torch.Tensor, shots: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """``shots`` positions of the flattened ``values``, drawn ∝ values by measuring √(f/Σf)."""
+    amplitudes = amplitude_encoding(values.detach().double().cpu().reshape(-1).numpy())
+    positions = backend.sample_positions(amplitudes, shots, draw_seed(generator))
+    return torch.as_tensor(positions, dtype=torch.long, device=values.device)

@@ -1,0 +1,43 @@
+"""The ``torch`` backend: the emulation's exact outcome distributions, no circuits.
+
+Hadamard counts ~ Binomial(shots, P), amplitude-estimation outcomes from
+:func:`qcnn.estimation.ae_outcome_probabilities`, positions ~ Categorical(|amplitude|²): the
+distributions the circuit backends must reproduce.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from qcnn.backends.circuits import zero_probability
+from qcnn.estimation import sample_ae_outcomes
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, device: str = "auto") -> None:
+        use_cuda = device in ("auto", "gpu") and torch.cuda.is_available()
+        if device == "gpu" and not use_cuda:
+            raise RuntimeError("torch: device='gpu' asked for, but no CUDA device is available")
+        self.torch_device = torch.device("cuda" if use_cuda else "cpu")
+        self.device = str(self.torch_device)
+
+    def _generator(self, seed: int) -> torch.Generator:
+        return torch.Generator(self.torch_device).manual_seed(seed)
+
+    def hadamard_counts(self, states: np.ndarray, shots: int, seed: int) -> np.ndarray:
+        p = torch.as_tensor(zero_probability(states), device=self.torch_device)
+        counts = torch.binomial(torch.full_like(p, shots), p.clamp(0, 1), generator=self._generator(seed))
+        return counts.long().cpu().numpy()
+
+    def ae_outcomes(self, states: np.ndarray, m: int, shots: int, seed: int) -> np.ndarray:
+        p = torch.as_tensor(zero_probability(states), device=self.torch_device)
+        outcomes = sample_ae_outcomes(p.unsqueeze(1).expand(-1, shots), m, self._generator(seed))
+        return outcomes.long().cpu().numpy()
+
+    def sample_positions(self, amplitudes: np.ndarray, shots: int, seed: int) -> np.ndarray:
+        probabilities = torch.as_tensor(amplitudes**2, device=self.torch_device)
+        drawn = torch.multinomial(probabilities, shots, replacement=True, generator=self._generator(seed))
+        return drawn.cpu().numpy()

@@ -1,0 +1,63 @@
+"""The QCNN layer's forward pass on circuits: ``QConv2d(..., backend="pennylane" | "qiskit-aer")``.
+
+Every inner product <A_p|F_q> is a Hadamard-test (``estimator="shots"``) or amplitude-estimation
+(``estimator="amplitude-estimation"``) circuit, and each image's ⌊σK⌋ samples are measurements
+of its amplitude-encoded outputs. Forward only, with no gradient, and meant for a few images:
+the first layer of the authors' network is 2,420 circuits per image. The receptive fields are
+written out with ``unfold`` here, since the circuits need them as vectors.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from qcnn.backends import get_backend, inner_products, sample_positions
+from qcnn.options import QConvOptions
+from qcnn.sampling import n_samples
+
+
+@torch.no_grad()
+def circuit_qconv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    options: QConvOptions,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Estimated, capped and sampled output (B, D', H', W') computed by circuits."""
+    backend = get_backend(options.backend, options.backend_device)
+    images, kernels = len(x), weight.shape[0]
+    columns = F.unfold(x, weight.shape[2:], stride=stride, padding=padding).transpose(1, 2)  # (B, P, d)
+    height = (x.shape[2] + 2 * padding[0] - weight.shape[2]) // stride[0] + 1
+    width = columns.shape[1] // height
+    filters = weight.flatten(1)  # (D', d)
+    a = columns.unsqueeze(2).expand(-1, -1, kernels, -1).reshape(-1, filters.shape[1])
+    f = filters.expand(images * columns.shape[1], -1, -1).reshape(-1, filters.shape[1])
+    scale = a.norm(dim=1) * f.norm(dim=1)
+    y_hat = torch.zeros_like(scale)
+    active = scale > 0  # a zero patch or kernel has inner product 0: nothing to estimate
+    if active.any():
+        estimator = {"shots": options.n_shots} if options.estimator == "shots" else {
+            "ae_qubits": options.n_ae_qubits}  # fmt: skip
+        cosines = inner_products(backend, a[active], f[active], generator=generator, **estimator)
+        y_hat[active] = scale[active] * cosines
+    y_hat = y_hat.view(images, height, width, kernels).permute(0, 3, 1, 2)
+    if bias is not None:
+        y_hat = y_hat + bias.view(1, -1, 1, 1)
+    if options.cap_order == "theory":
+        values = y_hat.clamp(0, options.cap)
+    else:  # clamp(clamp(Y) + noise), the noise being what the circuits added to Y
+        y = F.conv2d(x, weight, bias, stride, padding)
+        values = (y.clamp(0, options.cap) + (y_hat - y)).clamp(0, options.cap)
+    if options.sigma is None:
+        return values
+    count = n_samples(options.sigma, values[0].numel())
+    mask = torch.zeros(images, values[0].numel(), dtype=torch.bool, device=x.device)
+    for index, image in enumerate(values):  # one measurement run per image
+        weights = image if options.sampling == "linear" else image.square()
+        if weights.sum() > 0:
+            mask[index, sample_positions(backend, weights, count, generator)] = True
+    return values * mask.view_as(values)

@@ -1,0 +1,105 @@
+"""The ``pennylane`` backend: the circuits of :mod:`qcnn.backends.circuits` on PennyLane.
+
+Simulators: ``default.qubit`` (torch tensors with parameter broadcasting: a whole batch of
+Hadamard tests is one execution, on CUDA when torch has it), ``lightning.qubit`` (C++, CPU),
+``lightning.gpu`` (cuQuantum, needs the ``gpu`` extra and a CUDA GPU). Wire 0 is the most
+significant qubit, as in :mod:`qcnn.backends.circuits`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from qcnn.backends import fall_back_to_cpu
+from qcnn.backends.circuits import ancilla_hadamard, grover_operator, qubits_for
+
+SIMULATORS = ("default.qubit", "lightning.qubit", "lightning.gpu")
+
+
+class PennyLaneBackend:
+    name = "pennylane"
+
+    def __init__(self, device: str = "auto", simulator: str | None = None) -> None:
+        try:
+            import pennylane as qml
+        except ImportError as error:
+            raise ImportError("backend 'pennylane' needs PennyLane: pip install pennylane") from error
+        self.qml = qml
+        if simulator is not None and simulator not in SIMULATORS:
+            raise ValueError(f"simulator must be one of {SIMULATORS}, got {simulator!r}")
+        if simulator is None:
+            simulator = "lightning.gpu" if device in ("auto", "gpu") and self._has_lightning_gpu() else None
+            if simulator is None:
+                if device != "cpu":
+                    device = fall_back_to_cpu("pennylane", "lightning.gpu is not usable here", device)
+                simulator = "default.qubit"
+        if simulator == "lightning.gpu" and not self._has_lightning_gpu():
+            raise RuntimeError("pennylane: lightning.gpu asked for, but it is not installed or no GPU")
+        self.simulator = simulator
+        on_gpu = simulator == "lightning.gpu" or (
+            simulator == "default.qubit" and device != "cpu" and torch.cuda.is_available()
+        )
+        self.torch_device = torch.device("cuda" if on_gpu and simulator == "default.qubit" else "cpu")
+        self.device = f"{simulator} on {'GPU' if on_gpu else 'CPU'}"
+
+    def _has_lightning_gpu(self) -> bool:
+        try:
+            self.qml.device("lightning.gpu", wires=1)
+        except Exception:  # missing plug-in, missing CUDA libraries or no GPU: all mean "not here"
+            return False
+        return True
+
+    def _device(self, wires: int, seed: int):
+        return self.qml.device(self.simulator, wires=wires, seed=seed)
+
+    def _batch(self, states: np.ndarray):
+        # default.qubit broadcasts over the leading dimension; lightning runs it circuit by circuit
+        return torch.as_tensor(states, device=self.torch_device)
+
+    def hadamard_counts(self, states: np.ndarray, shots: int, seed: int) -> np.ndarray:
+        qml = self.qml
+        wires = qubits_for(states.shape[1])
+
+        @qml.set_shots(shots)
+        @qml.qnode(self._device(wires, seed))
+        def hadamard_test(state):
+            qml.StatePrep(state, wires=range(wires))
+            qml.Hadamard(wires=0)
+            return qml.probs(wires=0)
+
+        probabilities = torch.as_tensor(hadamard_test(self._batch(states))).reshape(len(states), 2)
+        return np.rint(probabilities[:, 0].cpu().numpy() * shots).astype(np.int64)
+
+    def ae_outcomes(self, states: np.ndarray, m: int, shots: int, seed: int) -> np.ndarray:
+        qml = self.qml
+        wires = qubits_for(states.shape[1])
+        estimation, system = list(range(m)), list(range(m, m + wires))
+        device = self._device(m + wires, seed)
+
+        @qml.set_shots(shots)
+        @qml.qnode(device)
+        def amplitude_estimation(prepared, grover):
+            qml.StatePrep(prepared, wires=system)  # A|0>
+            qml.QuantumPhaseEstimation(qml.QubitUnitary(grover, wires=system), estimation_wires=estimation)
+            return qml.sample(wires=estimation)
+
+        powers = 2 ** np.arange(m - 1, -1, -1)  # wire 0 is the most significant bit
+        outcomes = []
+        for state in states:
+            bits = amplitude_estimation(ancilla_hadamard(state), grover_operator(state))
+            outcomes.append(np.asarray(bits).reshape(shots, m) @ powers)
+        return np.stack(outcomes).astype(np.int64)
+
+    def sample_positions(self, amplitudes: np.ndarray, shots: int, seed: int) -> np.ndarray:
+        qml = self.qml
+        wires = qubits_for(len(amplitudes))
+
+        @qml.set_shots(shots)
+        @qml.qnode(self._device(wires, seed))
+        def measure(state):
+            qml.StatePrep(state, wires=range(wires))
+            return qml.sample(wires=range(wires))
+
+        bits = np.asarray(measure(amplitudes)).reshape(shots, wires)
+        return bits @ 2 ** np.arange(wires - 1, -1, -1)

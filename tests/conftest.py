@@ -1,0 +1,25 @@
+"""Shared fixtures: a slice of real MNIST (fetched once into the user cache if absent)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from experiments import data
+
+
+@pytest.fixture(scope="session")
+def mnist_raw_dir() -> Path:
+    """The cache folder holding the four verified raw IDX files."""
+    data.load_uint8()
+    folder = data.cache_dir()
+    if data.locate(folder) is None:
+        data.fetch(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def mnist_small(mnist_raw_dir) -> data.Mnist:
+    """2,000 training and 1,000 test images."""
+    return data.load_mnist(train_limit=2000, test_limit=1000)

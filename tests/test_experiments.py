@@ -1,0 +1,134 @@
+"""Networks, trainer (determinism, resume, accuracy on a slice) and the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from classical import AuthorsNet, LeNet5
+from experiments import cli, train
+from experiments.config import RunConfig
+from experiments.models import build_model, qconv_block, quantum_copy
+from qcnn import QConv2d
+
+CPU = torch.device("cpu")
+TINY = RunConfig(train_limit=256, test_limit=200, epochs=1, batch_size=32, test_batch_size=100)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("network", [AuthorsNet, LeNet5])
+def test_networks_output_log_probabilities_classical_and_quantum(network):
+    x = torch.randn(3, 1, 28, 28)
+    for net in (network(), network(qconv_block(torch.Generator().manual_seed(0)))):
+        out = net(x)
+        assert out.shape == (3, 10)
+        torch.testing.assert_close(out.exp().sum(1), torch.ones(3))
+    assert sum(isinstance(m, QConv2d) for m in network(qconv_block()).modules()) == 2
+
+
+def test_authors_net_flattens_2560_features():
+    assert AuthorsNet().fc1.in_features == 2560 == 10 * 16 * 16
+
+
+def test_cnn_and_qcnn_start_from_the_same_weights():
+    g = torch.Generator().manual_seed(0)
+    cnn = build_model(replace(TINY, model="cnn"), CPU, g)
+    qcnn = build_model(replace(TINY, model="qcnn"), CPU, g)
+    assert torch.equal(cnn.conv1[0].weight, qcnn.conv1.weight)
+    assert torch.equal(cnn.conv2[0].bias, qcnn.conv2.bias)
+    assert torch.equal(cnn.fc1.weight, qcnn.fc1.weight)
+
+
+def test_quantum_copy_in_the_exact_limit_reproduces_the_cnn():
+    torch.manual_seed(0)
+    cnn = AuthorsNet()
+    quantum = quantum_copy(cnn, epsilon=0.0, sigma=None, cap=float("inf"), delta=0.0)
+    x = torch.randn(4, 1, 28, 28)
+    torch.testing.assert_close(quantum(x), cnn(x))
+
+
+def test_training_is_deterministic(mnist_small, tmp_path):
+    first = train.train_run(TINY, mnist_small, tmp_path / "a", CPU, progress=False)
+    second = train.train_run(TINY, mnist_small, tmp_path / "b", CPU, progress=False)
+    assert first["test_accuracy"] == second["test_accuracy"]
+    assert first["test_loss"] == second["test_loss"]
+    assert (tmp_path / "a" / "curve.csv").read_text() == (tmp_path / "b" / "curve.csv").read_text()
+
+
+def test_interrupted_run_resumes_to_the_same_result(mnist_small, tmp_path, monkeypatch):
+    config = replace(TINY, epochs=2)
+    reference = train.train_run(config, mnist_small, tmp_path / "reference", CPU, progress=False)
+    evaluate = train.evaluate
+    calls = []
+
+    def interrupted_evaluate(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed during epoch 2's evaluation
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate", interrupted_evaluate)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_run(config, mnist_small, tmp_path / "run", CPU, progress=False)
+    partial = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert not partial["finished"] and len(partial["epochs"]) == 1
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    resumed = train.train_run(config, mnist_small, tmp_path / "run", CPU, progress=False)
+    assert resumed["finished"]
+    assert resumed["test_accuracy"] == reference["test_accuracy"]
+    assert resumed["test_loss"] == reference["test_loss"]
+    curve = (tmp_path / "run" / "curve.csv").read_text()
+    assert curve == (tmp_path / "reference" / "curve.csv").read_text()
+    # a finished run is not trained again
+    monkeypatch.setattr(train, "build_optimiser", None)
+    assert train.train_run(config, mnist_small, tmp_path / "run", CPU, progress=False) == resumed
+
+
+@pytest.mark.parametrize("model", ["cnn", "qcnn"])
+def test_short_training_on_2000_images_beats_80_percent(mnist_small, tmp_path, model):
+    config = RunConfig(model=model, train_limit=2000, test_limit=1000, epochs=5, lr=0.05, momentum=0.5)
+    metrics = train.train_run(config, mnist_small, tmp_path, CPU, progress=False)
+    assert metrics["test_accuracy"] > 0.80, metrics["test_accuracy"]
+    if model == "qcnn":
+        assert set(metrics["cost"]) == {"conv1", "conv2"}
+        assert 0 < metrics["cost"]["conv1"]["distinct_fraction"] <= 0.5
+
+
+def test_compare_cli_writes_every_output(tmp_path, mnist_raw_dir, capsys):
+    out = tmp_path / "compare"
+    cli.main(["compare", "--train-limit", "256", "--test-limit", "200", "--epochs", "1",
+              "--seeds", "2", "--device", "cpu", "--no-progress", "--out", str(out)])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "CNN train / QCNN test" in printed and "test accuracy" in printed
+    for run in ("cnn-seed1", "cnn-seed2", "qcnn-seed1", "qcnn-seed2"):
+        metrics = json.loads((out / run / "metrics.json").read_text())
+        assert metrics["finished"] and 0 <= metrics["test_accuracy"] <= 1
+        assert (out / run / "curve.csv").read_text().startswith("epoch,batch,images_seen,loss")
+    with open(out / "summary.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    expected = ["cnn", "cnn", "cnn-qcnn-test", "cnn-qcnn-test", "qcnn", "qcnn"]
+    assert sorted(r["model"] for r in rows) == expected
+    assert (out / "curves.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_cli_rejects_bad_values_before_any_work(tmp_path):
+    small = ["--train-limit", "64", "--test-limit", "64", "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match="sigma"):
+        cli.main(["compare", "--sigma", "2", "--device", "cpu", *small])
+    assert not (tmp_path / "out").exists()
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no CUDA device"):
+            cli.main(["compare", "--device", "cuda", *small])
+
+
+def test_run_config_validates():
+    with pytest.raises(ValueError, match="mode"):
+        RunConfig(mode="fast")
+    with pytest.raises(ValueError, match="lr"):
+        RunConfig(lr=0.0)
+    with pytest.raises(ValueError, match="epsilon"):
+        RunConfig(epsilon=-1.0)
