@@ -100,6 +100,19 @@ def cmd_bench(args: argparse.Namespace) -> None:
     run_bench(devices, args.batch_sizes, args.rounds, args.repeat)
 
 
+def cmd_validate(args: argparse.Namespace) -> None:
+    from experiments.data import load_mnist
+    from experiments.validate import run_throughput, run_validate
+
+    if args.bench:
+        run_throughput(args.backends, args.backend_device, args.pairs, args.shots, args.seed)
+        return
+    data = load_mnist(args.data_dir, "cpu", train_limit=1, test_limit=args.images)
+    print(f"validate: {args.images} test images, backends {', '.join(args.backends)}, results in {args.out}")
+    run_validate(data.test_images, args.backends, args.backend_device, args.shots, args.sigma, args.cap,
+                 args.seed, Path(args.out))  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m experiments",
@@ -121,11 +134,28 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeat", type=int, default=5, help="steps per round")
     bench.add_argument("--cpu-only", action="store_true", help="skip CUDA even when present")
     bench.set_defaults(func=cmd_bench)
+
+    from experiments.validate import DEFAULT_BACKENDS
+
+    validate = sub.add_parser("validate", help="check the emulation against circuits on the first layer")
+    validate.add_argument("--images", type=int, default=8, help="MNIST test images")
+    validate.add_argument("--backends", nargs="+", default=DEFAULT_BACKENDS,
+                          help="name or name:simulator; the first is the reference")  # fmt: skip
+    validate.add_argument("--backend-device", choices=("auto", "cpu", "gpu"), default="auto")
+    validate.add_argument("--shots", type=int, default=100, help="Hadamard-test shots per inner product")
+    validate.add_argument("--sigma", type=float, default=0.5)
+    validate.add_argument("--cap", type=float, default=10.0)
+    validate.add_argument("--seed", type=int, default=1)
+    validate.add_argument("--data-dir", default=None)
+    validate.add_argument("--out", default="runs/validate")
+    validate.add_argument("--bench", action="store_true", help="time inner products for 5-9 qubits instead")
+    validate.add_argument("--pairs", type=int, default=512, help="with --bench: pairs per run")
+    validate.set_defaults(func=cmd_validate)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     args.func(args)
 
