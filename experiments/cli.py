@@ -34,9 +34,13 @@ def optional_float(text: str) -> float | None:
     return None if text.lower() == "none" else float(text)
 
 
-def add_run_options(parser: argparse.ArgumentParser) -> None:
-    """The options of one training run, defaults from RunConfig (the paper's)."""
+def add_run_options(parser: argparse.ArgumentParser, grid: bool = False) -> None:
+    """The options of one training run, defaults from RunConfig (the paper's).
+
+    With ``grid``, --epsilon, --cap, --sigma and --delta take several values (sweep axes).
+    """
     d = DEFAULTS
+    axis = {"nargs": "+"} if grid else {}
     group = parser.add_argument_group("training (defaults: the paper's)")
     group.add_argument("--net", choices=("authors", "lenet5"), default=d.net, help="network")
     group.add_argument("--epochs", type=int, default=d.epochs)
@@ -47,10 +51,11 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--lr", type=float, default=d.lr)
     group.add_argument("--momentum", type=float, default=d.momentum)
     group = parser.add_argument_group("QCNN layer (see qcnn.QConvOptions)")
-    group.add_argument("--epsilon", type=float, default=d.epsilon, help="inner-product error ε")
-    group.add_argument("--cap", type=float, default=d.cap, help="ReLU cap C ('inf' for none)")
-    group.add_argument("--sigma", type=optional_float, default=d.sigma, help="sampling ratio σ, or 'none'")
-    group.add_argument("--delta", type=float, default=d.delta, help="gradient error δ")
+    group.add_argument("--epsilon", type=float, default=d.epsilon, help="inner-product error ε", **axis)
+    group.add_argument("--cap", type=float, default=d.cap, help="ReLU cap C ('inf' for none)", **axis)
+    group.add_argument("--sigma", type=optional_float, default=d.sigma, help="sampling ratio σ, or 'none'",
+                       **axis)  # fmt: skip
+    group.add_argument("--delta", type=float, default=d.delta, help="gradient error δ", **axis)
     group.add_argument("--mode", choices=("theory", "authors"), default=d.mode,
                        help="theory: exact norms, f(Y+noise), δ in the layers' backward; "
                             "authors: the authors' simulation")  # fmt: skip
@@ -113,6 +118,37 @@ def cmd_validate(args: argparse.Namespace) -> None:
                  args.seed, Path(args.out))  # fmt: skip
 
 
+def cmd_sweep(args: argparse.Namespace) -> None:
+    import json
+
+    from experiments.sweep import PAPER_GRID, expand_grid, run_sweep, summary_markdown, write_reports
+
+    grid = {name: getattr(args, name) for name in ("epsilon", "cap", "sigma", "delta")}
+    grid = {name: values if isinstance(values, list) else [values] for name, values in grid.items()}
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    base_fields = {}
+    if args.preset == "paper":
+        grid = dict(PAPER_GRID)
+    if args.config:
+        spec = json.loads(Path(args.config).read_text())
+        grid.update(spec.pop("grid", {}))
+        seeds = spec.pop("seeds", seeds)
+        base_fields = spec
+    scalars = {name: values[0] for name, values in grid.items()}
+    try:
+        base = run_config(args, model="qcnn", seed=seeds[0], **scalars, **base_fields)
+        configs = expand_grid(base, grid, seeds, with_cnn=not args.no_cnn)
+    except (ValueError, TypeError) as error:
+        raise SystemExit(str(error)) from error
+    device = str(resolve_device(args.device))
+    out = Path(args.out)
+    run_sweep(configs, out, device, args.data_dir, args.workers, args.launcher, args.ray_address)
+    summary = write_reports(out)
+    print()
+    print(summary_markdown(summary))
+    print(f"results.csv, summary.csv, summary.md and figures in {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m experiments",
@@ -134,6 +170,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeat", type=int, default=5, help="steps per round")
     bench.add_argument("--cpu-only", action="store_true", help="skip CUDA even when present")
     bench.set_defaults(func=cmd_bench)
+
+    sweep = sub.add_parser("sweep", help="grid over σ, ε, C, δ × seeds; resumable and parallel")
+    sweep.add_argument("--preset", choices=("paper",), help="paper: the authors' 40-configuration grid")
+    sweep.add_argument("--config", help='JSON: {"grid": {field: [values]}, "seeds": [...], field: value}')
+    sweep.add_argument("--seed", type=int, default=DEFAULTS.seed, help="first seed")
+    sweep.add_argument("--seeds", type=int, default=1, help="number of seeds")
+    sweep.add_argument("--no-cnn", action="store_true", help="skip the CNN baseline runs")
+    sweep.add_argument("--workers", type=int, default=1, help="runs side by side (processes or Ray tasks)")
+    sweep.add_argument("--launcher", choices=("local", "ray"), default="local")
+    sweep.add_argument("--ray-address", default=None, help="Ray cluster address (default: start one locally)")
+    sweep.add_argument("--out", default="runs/sweep", help="result store (resumable)")
+    add_run_options(sweep, grid=True)
+    sweep.set_defaults(func=cmd_sweep)
 
     from experiments.validate import DEFAULT_BACKENDS
 

@@ -1,0 +1,231 @@
+"""Grid sweeps over σ, ε, C, δ (and any RunConfig field) × seeds, resumable and parallel.
+
+Each run lives in ``<out>/runs/<run id>/`` and is written by :func:`experiments.train.train_run`,
+whose ``metrics.json`` is replaced atomically and says whether the run finished. A sweep skips
+finished runs and resumes unfinished ones from their last epoch checkpoint, so an interrupted
+sweep loses at most the epochs in flight. Runs execute in this process (``--workers 1``), in a
+local process pool (``--workers N``) or as Ray tasks (``--launcher ray``), all writing into
+the same store. The tables and plots are rebuilt from the store at the end, one row per run.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import replace
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+
+from experiments.compare import read_curve
+from experiments.config import RunConfig
+from experiments.plots import plot_accuracy_vs_sigma, plot_curves
+from experiments.train import read_finished
+
+# The authors' grid (spec section 6): 2 × 2 × 5 × 2 = 40 QCNN configurations, plus the CNN.
+PAPER_GRID = {
+    "epsilon": [0.01, 0.1],
+    "cap": [2.0, 10.0],
+    "sigma": [0.1, 0.2, 0.3, 0.4, 0.5],
+    "delta": [0.01, 0.1],
+}
+AXES = ("epsilon", "cap", "delta")  # one line / one figure per combination of these
+COST_FIELDS = ("max_norm_product", "mean_activation", "distinct_fraction", "eta", "quantum_cost",
+               "classical_cost", "speedup")  # fmt: skip
+
+
+def expand_grid(
+    base: RunConfig, grid: dict[str, list], seeds: Iterable[int], with_cnn: bool
+) -> list[RunConfig]:
+    """Every QCNN combination of ``grid`` × seeds, plus one CNN per seed if ``with_cnn``."""
+    for name in grid:
+        if name not in RunConfig.__dataclass_fields__ or name in ("model", "seed"):
+            raise ValueError(f"cannot sweep over {name!r}: not a RunConfig field")
+    names = list(grid)
+    configs = []
+    for seed in seeds:
+        if with_cnn:
+            configs.append(replace(base, model="cnn", seed=seed))
+        for values in itertools.product(*(grid[n] for n in names)):
+            configs.append(replace(base, model="qcnn", seed=seed, **dict(zip(names, values, strict=True))))
+    return configs
+
+
+def run_id(config: RunConfig) -> str:
+    """A readable folder name that differs for every config differing on a swept field."""
+    if config.model == "cnn":
+        parts = ["cnn", config.net]
+    else:
+        parts = [f"qcnn-{config.net}-{config.mode}", f"eps{config.epsilon:g}", f"C{config.cap:g}",
+                 f"sigma{config.sigma:g}" if config.sigma is not None else "nosampling",
+                 f"delta{config.delta:g}", config.estimator, config.sampling, config.backprop]  # fmt: skip
+    parts += [f"e{config.epochs}", f"n{config.train_limit or 'all'}", f"seed{config.seed}"]
+    return "_".join(parts)
+
+
+def execute(config_dict: dict, run_dir: str, device: str, data_dir: str | None, threads: int) -> dict:
+    """One run, in whatever process it lands (process pool worker or Ray task)."""
+    from experiments.data import load_mnist
+    from experiments.train import train_run
+
+    torch.set_num_threads(threads)
+    config = RunConfig.from_dict(config_dict)
+    data = load_mnist(data_dir, device)
+    started = time.perf_counter()
+    metrics = train_run(config, data, Path(run_dir), torch.device(device), progress=False)
+    return {"run": Path(run_dir).name, "accuracy": metrics["test_accuracy"],
+            "seconds": time.perf_counter() - started}  # fmt: skip
+
+
+def run_sweep(
+    configs: list[RunConfig],
+    out: Path,
+    device: str,
+    data_dir: str | None = None,
+    workers: int = 1,
+    launcher: str = "local",
+    ray_address: str | None = None,
+) -> list[str]:
+    """Run the configs not finished yet; return the ids of the runs executed now."""
+    store = out / "runs"
+    store.mkdir(parents=True, exist_ok=True)
+    ids = [run_id(c) for c in configs]
+    if len(set(ids)) != len(ids):
+        raise ValueError("two configs of the sweep map to the same run folder")
+    pending = [(c, i) for c, i in zip(configs, ids, strict=True) if read_finished(store / i, c) is None]
+    print(f"sweep: {len(configs)} runs, {len(configs) - len(pending)} already finished, "
+          f"{len(pending)} to run with {workers} worker(s) via {launcher}")  # fmt: skip
+    threads = max(1, torch.get_num_threads() // max(1, workers))
+    jobs = [(c.as_dict(), str(store / i), device, data_dir, threads) for c, i in pending]
+    started = time.perf_counter()
+    done = []
+
+    def report(result: dict) -> None:
+        done.append(result["run"])
+        print(f"  [{len(done)}/{len(jobs)}] {result['run']}: test accuracy "
+              f"{100 * result['accuracy']:.2f} %, {result['seconds']:.1f} s")  # fmt: skip
+
+    if launcher == "ray":
+        import ray
+
+        ray.init(address=ray_address, ignore_reinit_error=True, log_to_driver=False)
+        remote = ray.remote(num_cpus=threads)(execute)
+        futures = [remote.remote(*job) for job in jobs]
+        while futures:
+            ready, futures = ray.wait(futures, num_returns=1)
+            report(ray.get(ready[0]))
+    elif workers > 1:
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            for future in as_completed([pool.submit(execute, *job) for job in jobs]):
+                report(future.result())
+    else:
+        for job in jobs:
+            report(execute(*job))
+    print(f"sweep: ran {len(done)} run(s) in {time.perf_counter() - started:.1f} s wall time")
+    return done
+
+
+def collect(out: Path) -> list[dict]:
+    """One row per finished run in the store: config, test metrics, per-layer cost."""
+    rows = []
+    for path in sorted((out / "runs").glob("*/metrics.json")):
+        metrics = json.loads(path.read_text())
+        if not metrics.get("finished"):
+            continue
+        row = {**metrics["config"], "run": path.parent.name, "test_accuracy": metrics["test_accuracy"],
+               "test_loss": metrics["test_loss"], "train_seconds": metrics["train_seconds"]}  # fmt: skip
+        for layer, cost in metrics.get("cost", {}).items():
+            row.update({f"{layer}_{field}": cost[field] for field in COST_FIELDS})
+        rows.append(row)
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def configuration(row: dict) -> tuple:
+    return (row["model"], row["mode"], row["epsilon"], row["cap"], row["sigma"], row["delta"],
+            row["estimator"], row["sampling"], row["backprop"])  # fmt: skip
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean ± std of accuracy and time over seeds, per configuration."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for row in rows:
+        groups[configuration(row)].append(row)
+    summary = []
+    for key, group in sorted(groups.items(), key=lambda item: str(item[0])):
+        accuracy = [r["test_accuracy"] for r in group]
+        entry = {**dict(zip(("model", "mode", "epsilon", "cap", "sigma", "delta", "estimator", "sampling",
+                             "backprop"), key, strict=True)),
+                 "seeds": len(group), "accuracy_mean": statistics.mean(accuracy),
+                 "accuracy_std": statistics.stdev(accuracy) if len(group) > 1 else 0.0,
+                 "train_seconds_mean": statistics.mean(r["train_seconds"] for r in group)}  # fmt: skip
+        for layer in ("conv1", "conv2"):
+            values = [r.get(f"{layer}_speedup") for r in group if r.get(f"{layer}_speedup") is not None]
+            if values:
+                entry[f"{layer}_speedup"] = statistics.mean(v for v in values if math.isfinite(v))
+        summary.append(entry)
+    return summary
+
+
+def write_reports(out: Path) -> list[dict]:
+    """results.csv (one row per run), summary.csv, summary.md and the figures."""
+    rows = collect(out)
+    if not rows:
+        return []
+    write_csv(out / "results.csv", rows)
+    summary = summarise(rows)
+    write_csv(out / "summary.csv", summary)
+    (out / "summary.md").write_text(summary_markdown(summary))
+    series: dict[str, list] = defaultdict(list)
+    for entry in summary:
+        if entry["model"] == "qcnn" and entry["sigma"] is not None:
+            label = f"ε={entry['epsilon']:g}, C={entry['cap']:g}, δ={entry['delta']:g} ({entry['mode']})"
+            series[label].append((entry["sigma"], entry["accuracy_mean"], entry["accuracy_std"]))
+    if series:
+        plot_accuracy_vs_sigma(series, out / "accuracy_vs_sigma.png")
+    cnn_runs = [read_curve(out / "runs" / r["run"] / "curve.csv") for r in rows if r["model"] == "cnn"]
+    figures: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        if row["model"] == "qcnn":
+            curve = read_curve(out / "runs" / row["run"] / "curve.csv")
+            figures[tuple(row[a] for a in AXES) + (row["mode"],)][f"σ={row['sigma']}"].append(curve)
+    for (epsilon, cap, delta, mode), curves in figures.items():
+        if cnn_runs:
+            curves["CNN"] = cnn_runs
+        name = f"curves_eps{epsilon:g}_C{cap:g}_delta{delta:g}_{mode}.png"
+        title = f"QCNN ε={epsilon}, C={cap}, δ={delta} ({mode})"
+        plot_curves(dict(sorted(curves.items())), out / name, title)
+    return summary
+
+
+def summary_markdown(summary: list[dict]) -> str:
+    lines = [
+        "| model | mode | ε | C | σ | δ | seeds | test accuracy % | conv1 speedup | conv2 speedup "
+        "| train s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for e in summary:
+        quantum = e["model"] == "qcnn"
+        cells = [e["model"], e["mode"] if quantum else "", *(f"{e[k]}" if quantum else "" for k in
+                 ("epsilon", "cap", "sigma", "delta")), str(e["seeds"]),
+                 f"{100 * e['accuracy_mean']:.2f} ± {100 * e['accuracy_std']:.2f}",
+                 *(f"{e[f'{layer}_speedup']:.3g}" if f"{layer}_speedup" in e else "" for layer in
+                   ("conv1", "conv2")),
+                 f"{e['train_seconds_mean']:.1f}"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,114 @@
+"""Sweep: grid expansion, resume after a kill (process pool and Ray), outputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from experiments import cli
+from experiments.config import RunConfig
+from experiments.sweep import PAPER_GRID, expand_grid, run_id, run_sweep, write_reports
+from experiments.train import read_finished
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TINY = ["--train-limit", "256", "--test-limit", "100", "--epochs", "1", "--batch-size", "32",
+        "--device", "cpu", "--no-progress"]  # fmt: skip
+GRID = ["--sigma", "0.2", "0.5", "--epsilon", "0.01", "0.1", "--seeds", "2"]  # 2 × 2 × 2 + 2 CNN = 10 runs
+
+
+def test_paper_preset_expands_to_40_configurations_per_seed():
+    configs = expand_grid(RunConfig(), PAPER_GRID, seeds=[1, 2, 3], with_cnn=True)
+    quantum = [c for c in configs if c.model == "qcnn"]
+    assert len(quantum) == 3 * 40 and sum(c.model == "cnn" for c in configs) == 3
+    assert len({run_id(c) for c in configs}) == len(configs)
+    assert {c.sigma for c in quantum} == {0.1, 0.2, 0.3, 0.4, 0.5}
+    with pytest.raises(ValueError, match="not a RunConfig field"):
+        expand_grid(RunConfig(), {"learning_rate": [0.1]}, seeds=[1], with_cnn=False)
+
+
+def finished_runs(out: Path) -> set[str]:
+    finished = set()
+    for path in (out / "runs").glob("*/metrics.json"):
+        if json.loads(path.read_text()).get("finished"):
+            finished.add(path.parent.name)
+    return finished
+
+
+def configs_of(out: Path) -> list[RunConfig]:
+    paths = (out / "runs").glob("*/metrics.json")
+    return [RunConfig.from_dict(json.loads(path.read_text())["config"]) for path in paths]
+
+
+def kill_after(out: Path, runs: int, extra: list[str]) -> set[str]:
+    """Start the sweep in a subprocess, kill it once ``runs`` runs have finished."""
+    command = [sys.executable, "-m", "experiments", "sweep", *GRID, *TINY, "--out", str(out), *extra]
+    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 300
+    try:
+        while len(finished_runs(out)) < runs:
+            assert process.poll() is None, "the sweep ended before it could be killed"
+            assert time.monotonic() < deadline, "the sweep made no progress"
+            time.sleep(0.2)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    return finished_runs(out)
+
+
+@pytest.mark.parametrize("launcher", ["local", "ray"])
+def test_killed_sweep_resumes_exactly_the_missing_runs(tmp_path, mnist_raw_dir, launcher):
+    out = tmp_path / "sweep"
+    extra = ["--workers", "2", "--launcher", launcher]
+    before = kill_after(out, 3, extra)
+    assert 3 <= len(before) < 10
+    args = cli.build_parser().parse_args(["sweep", *GRID, *TINY, "--out", str(out), *extra])
+    grid = {name: getattr(args, name) for name in ("epsilon", "sigma")}
+    configs = expand_grid(cli.run_config(args, model="qcnn", seed=1, epsilon=0.01, sigma=0.2), grid,
+                          seeds=[1, 2], with_cnn=True)  # fmt: skip
+    executed = run_sweep(configs, out, "cpu", workers=2, launcher=launcher)
+    assert sorted(executed) == sorted({run_id(c) for c in configs} - before)
+    assert all(read_finished(out / "runs" / run_id(c), c) for c in configs)
+    write_reports(out)
+    with open(out / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 10 and len({r["run"] for r in rows}) == 10
+    leftovers = [p for p in (out / "runs").rglob(".*") if p.is_file()]
+    assert leftovers == [], f"temporary files left behind: {leftovers}"
+
+
+def test_sweep_cli_with_two_workers_writes_every_output(tmp_path, mnist_raw_dir, capsys):
+    out = tmp_path / "sweep"
+    cli.main(["sweep", "--sigma", "0.3", "0.5", "--cap", "2", "--workers", "2", *TINY, "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "test accuracy %" in printed and "wall time" in printed
+    for name in ("results.csv", "summary.csv", "summary.md"):
+        assert (out / name).stat().st_size > 0
+    for name in ("accuracy_vs_sigma.png", "curves_eps0.01_C2_delta0.01_theory.png"):
+        assert (out / name).read_bytes().startswith(PNG_MAGIC)
+    with open(out / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 3
+    quantum = [r for r in rows if r["model"] == "qcnn"]
+    assert all(float(r["conv1_distinct_fraction"]) > 0 and float(r["conv2_speedup"]) > 0 for r in quantum)
+    # a second call finds everything done
+    cli.main(["sweep", "--sigma", "0.3", "0.5", "--cap", "2", *TINY, "--out", str(out)])
+    assert "3 already finished, 0 to run" in capsys.readouterr().out
+
+
+def test_sweep_config_file(tmp_path, mnist_raw_dir):
+    spec = {"grid": {"delta": [0.01, 0.1]}, "seeds": [5], "mode": "authors"}
+    (tmp_path / "grid.json").write_text(json.dumps(spec))
+    out = tmp_path / "sweep"
+    cli.main(["sweep", "--config", str(tmp_path / "grid.json"), "--no-cnn", *TINY, "--out", str(out)])
+    configs = configs_of(out)
+    assert sorted(c.delta for c in configs) == [0.01, 0.1]
+    assert all(c.mode == "authors" and c.seed == 5 for c in configs)
