@@ -50,7 +50,20 @@ def conv_relu(
     return nn.Sequential(*layers)
 
 
-class AuthorsNet(nn.Module):
+class TwoConvNet(nn.Module):
+    """Two conv blocks then three fully connected layers (ReLU between) and log-softmax.
+
+    Subclasses build ``conv1``, ``conv2``, ``fc1``, ``fc2`` and ``fc3``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv2(self.conv1(x)).flatten(1)
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        return F.log_softmax(self.fc3(x), dim=1)
+
+
+class AuthorsNet(TwoConvNet):
     """The network of Kerenidis, Landman and Prakash's MNIST experiment (spec section 6).
 
     conv 1->5 (7x7) -> act -> conv 5->10 (7x7) -> act -> flatten (10*16*16 = 2560)
@@ -66,14 +79,8 @@ class AuthorsNet(nn.Module):
         self.fc2 = nn.Linear(300, 50)
         self.fc3 = nn.Linear(50, 10)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv2(self.conv1(x)).flatten(1)
-        x = F.relu(self.fc1(x))
-        x = F.relu(self.fc2(x))
-        return F.log_softmax(self.fc3(x), dim=1)
 
-
-class LeNet5(nn.Module):
+class LeNet5(TwoConvNet):
     """LeNet-5 (LeCun et al. 1998) with ReLU and max pooling, on 28x28 input.
 
     conv 1->6 (5x5, padding 2, as for the original 32x32 input) -> act -> pool 2
@@ -88,12 +95,6 @@ class LeNet5(nn.Module):
         self.fc1 = nn.Linear(400, 120)
         self.fc2 = nn.Linear(120, 84)
         self.fc3 = nn.Linear(84, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv2(self.conv1(x)).flatten(1)
-        x = F.relu(self.fc1(x))
-        x = F.relu(self.fc2(x))
-        return F.log_softmax(self.fc3(x), dim=1)
 
 
 NETWORKS = {"authors": AuthorsNet, "lenet5": LeNet5}

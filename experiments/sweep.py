@@ -11,6 +11,7 @@ the same store. The tables and plots are rebuilt from the store at the end, one 
 from __future__ import annotations
 
 import csv
+import hashlib
 import itertools
 import json
 import math
@@ -60,14 +61,15 @@ def expand_grid(
 
 
 def run_id(config: RunConfig) -> str:
-    """A readable folder name that differs for every config differing on a swept field."""
+    """A readable folder name, made unique by a short hash of the whole config."""
     if config.model == "cnn":
         parts = ["cnn", config.net]
     else:
         parts = [f"qcnn-{config.net}-{config.mode}", f"eps{config.epsilon:g}", f"C{config.cap:g}",
                  f"sigma{config.sigma:g}" if config.sigma is not None else "nosampling",
                  f"delta{config.delta:g}", config.estimator, config.sampling, config.backprop]  # fmt: skip
-    parts += [f"e{config.epochs}", f"n{config.train_limit or 'all'}", f"seed{config.seed}"]
+    digest = hashlib.sha1(json.dumps(config.as_dict(), sort_keys=True).encode()).hexdigest()[:8]
+    parts += [f"e{config.epochs}", f"n{config.train_limit or 'all'}", f"seed{config.seed}", digest]
     return "_".join(parts)
 
 
@@ -97,11 +99,9 @@ def run_sweep(
     """Run the configs not finished yet; return the ids of the runs executed now."""
     store = out / "runs"
     store.mkdir(parents=True, exist_ok=True)
-    ids = [run_id(c) for c in configs]
-    if len(set(ids)) != len(ids):
-        raise ValueError("two configs of the sweep map to the same run folder")
-    pending = [(c, i) for c, i in zip(configs, ids, strict=True) if read_finished(store / i, c) is None]
-    print(f"sweep: {len(configs)} runs, {len(configs) - len(pending)} already finished, "
+    unique = {run_id(c): c for c in configs}  # a value repeated in the grid is one run
+    pending = [(c, i) for i, c in unique.items() if read_finished(store / i, c) is None]
+    print(f"sweep: {len(unique)} runs, {len(unique) - len(pending)} already finished, "
           f"{len(pending)} to run with {workers} worker(s) via {launcher}")  # fmt: skip
     threads = max(1, torch.get_num_threads() // max(1, workers))
     jobs = [(c.as_dict(), str(store / i), device, data_dir, threads) for c, i in pending]
