@@ -188,10 +188,10 @@ def load_mnist(
     test_limit: int | None = None,
 ) -> Mnist:
     """MNIST on ``device``; ``*_limit`` keeps the first N images of each split."""
-    raw = load_uint8(data_dir)
     for name, limit in (("train_limit", train_limit), ("test_limit", test_limit)):
         if limit is not None and limit <= 0:
             raise ValueError(f"{name} must be a positive number of images, got {limit}")
+    raw = load_uint8(data_dir)
     return Mnist(
         normalise(raw["train_images"][:train_limit]).to(device),
         raw["train_labels"][:train_limit].long().to(device),

@@ -58,12 +58,8 @@ def quantum_copy(model: nn.Module, generator: torch.Generator | None = None, **o
     copy = copy.to(next(model.parameters()).device)
     for name, child in model.named_children():
         if isinstance(child, nn.Sequential) and isinstance(child[0], nn.Conv2d):
-            layer = getattr(copy, name)
-            with torch.no_grad():
-                layer.weight.copy_(child[0].weight)
-                layer.bias.copy_(child[0].bias)
-        else:
-            getattr(copy, name).load_state_dict(child.state_dict())
+            child = child[0]  # QConv2d and Conv2d share the state_dict keys weight and bias
+        getattr(copy, name).load_state_dict(child.state_dict())
     return copy
 
 

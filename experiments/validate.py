@@ -27,6 +27,7 @@ from torch.nn import functional as F
 
 from experiments.files import atomic_write_text
 from qcnn.backends import get_backend, inner_products, sample_positions
+from qcnn.backends.layer import receptive_field_pairs
 
 BINS = 10
 
@@ -38,16 +39,6 @@ def open_backend(spec: str, device: str):
     """A backend from "name" or "name:simulator" (e.g. "pennylane:lightning.qubit")."""
     name, _, simulator = spec.partition(":")
     return get_backend(name, device, simulator or None)
-
-
-def layer_vectors(images: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every (A_p, F_q) pair of the layer: rows (B·P·D', D·h·w) with a non-zero product."""
-    columns = F.unfold(images, weight.shape[2:]).transpose(1, 2).reshape(-1, weight[0].numel())
-    filters = weight.flatten(1)
-    a = columns.repeat_interleave(len(filters), dim=0)
-    f = filters.repeat(len(columns), 1)
-    keep = (a.norm(dim=1) > 0) & (f.norm(dim=1) > 0)
-    return a[keep], f[keep]
 
 
 def sampling_chi_square(positions: np.ndarray, probabilities: np.ndarray) -> tuple[float, int]:
@@ -78,7 +69,9 @@ def run_validate(
     torch.manual_seed(seed)
     conv = torch.nn.Conv2d(1, 5, 7).double()  # the authors' first layer, nn.Conv2d's initialisation
     images = images.double()
-    a, f = layer_vectors(images, conv.weight.detach())
+    a, f = receptive_field_pairs(images, conv.weight.detach(), (1, 1), (0, 0))
+    keep = (a.norm(dim=1) > 0) & (f.norm(dim=1) > 0)  # a zero vector has no amplitude encoding
+    a, f = a[keep], f[keep]
     exact = (a * f).sum(1) / (a.norm(dim=1) * f.norm(dim=1))
     values = F.conv2d(images, conv.weight, conv.bias).detach().clamp(0, cap).flatten(1)
     samples = math.floor(sigma * values.shape[1])

@@ -132,3 +132,5 @@ def test_run_config_validates():
         RunConfig(lr=0.0)
     with pytest.raises(ValueError, match="epsilon"):
         RunConfig(epsilon=-1.0)
+    with pytest.raises(ValueError, match="train_limit"):
+        RunConfig(train_limit=0)

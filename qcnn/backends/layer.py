@@ -17,6 +17,17 @@ from qcnn.options import QConvOptions
 from qcnn.sampling import n_samples
 
 
+def receptive_field_pairs(
+    x: torch.Tensor, weight: torch.Tensor, stride: tuple[int, int], padding: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every (A_p, F_q) of the layer as rows (B·P·D', D·h·w), ordered image, position, kernel."""
+    columns = F.unfold(x, weight.shape[2:], stride=stride, padding=padding).transpose(1, 2)  # (B, P, d)
+    filters = weight.flatten(1)  # (D', d)
+    a = columns.unsqueeze(2).expand(-1, -1, len(filters), -1).reshape(-1, filters.shape[1])
+    f = filters.expand(columns.shape[0] * columns.shape[1], -1, -1).reshape(-1, filters.shape[1])
+    return a, f
+
+
 @torch.no_grad()
 def circuit_qconv2d(
     x: torch.Tensor,
@@ -30,12 +41,9 @@ def circuit_qconv2d(
     """Estimated, capped and sampled output (B, D', H', W') computed by circuits."""
     backend = get_backend(options.backend, options.backend_device)
     images, kernels = len(x), weight.shape[0]
-    columns = F.unfold(x, weight.shape[2:], stride=stride, padding=padding).transpose(1, 2)  # (B, P, d)
+    a, f = receptive_field_pairs(x, weight, stride, padding)
     height = (x.shape[2] + 2 * padding[0] - weight.shape[2]) // stride[0] + 1
-    width = columns.shape[1] // height
-    filters = weight.flatten(1)  # (D', d)
-    a = columns.unsqueeze(2).expand(-1, -1, kernels, -1).reshape(-1, filters.shape[1])
-    f = filters.expand(images * columns.shape[1], -1, -1).reshape(-1, filters.shape[1])
+    width = len(a) // (images * kernels * height)
     scale = a.norm(dim=1) * f.norm(dim=1)
     y_hat = torch.zeros_like(scale)
     active = scale > 0  # a zero patch or kernel has inner product 0: nothing to estimate
