@@ -40,7 +40,10 @@ def add_run_options(parser: argparse.ArgumentParser, grid: bool = False) -> None
     With ``grid``, --epsilon, --cap, --sigma and --delta take several values (sweep axes).
     """
     d = DEFAULTS
-    axis = {"nargs": "+"} if grid else {}
+
+    def axis(default) -> dict:  # a sweep axis takes several values and defaults to a list
+        return {"nargs": "+", "default": [default]} if grid else {"default": default}
+
     group = parser.add_argument_group("training (defaults: the paper's)")
     group.add_argument("--net", choices=("authors", "lenet5"), default=d.net, help="network")
     group.add_argument("--epochs", type=int, default=d.epochs)
@@ -51,11 +54,10 @@ def add_run_options(parser: argparse.ArgumentParser, grid: bool = False) -> None
     group.add_argument("--lr", type=float, default=d.lr)
     group.add_argument("--momentum", type=float, default=d.momentum)
     group = parser.add_argument_group("QCNN layer (see qcnn.QConvOptions)")
-    group.add_argument("--epsilon", type=float, default=d.epsilon, help="inner-product error ε", **axis)
-    group.add_argument("--cap", type=float, default=d.cap, help="ReLU cap C ('inf' for none)", **axis)
-    group.add_argument("--sigma", type=optional_float, default=d.sigma, help="sampling ratio σ, or 'none'",
-                       **axis)  # fmt: skip
-    group.add_argument("--delta", type=float, default=d.delta, help="gradient error δ", **axis)
+    group.add_argument("--epsilon", type=float, help="inner-product error ε", **axis(d.epsilon))
+    group.add_argument("--cap", type=float, help="ReLU cap C ('inf' for none)", **axis(d.cap))
+    group.add_argument("--sigma", type=optional_float, help="sampling ratio σ, or 'none'", **axis(d.sigma))
+    group.add_argument("--delta", type=float, help="gradient error δ", **axis(d.delta))
     group.add_argument("--mode", choices=("theory", "authors"), default=d.mode,
                        help="theory: exact norms, f(Y+noise), δ in the layers' backward; "
                             "authors: the authors' simulation")  # fmt: skip
@@ -118,13 +120,13 @@ def cmd_validate(args: argparse.Namespace) -> None:
                  args.seed, Path(args.out))  # fmt: skip
 
 
-def cmd_sweep(args: argparse.Namespace) -> None:
+def sweep_configs(args: argparse.Namespace) -> list[RunConfig]:
+    """The runs a ``sweep`` command line asks for: grid axes, preset or config file, × seeds."""
     import json
 
-    from experiments.sweep import PAPER_GRID, expand_grid, run_sweep, summary_markdown, write_reports
+    from experiments.sweep import PAPER_GRID, expand_grid
 
     grid = {name: getattr(args, name) for name in ("epsilon", "cap", "sigma", "delta")}
-    grid = {name: values if isinstance(values, list) else [values] for name, values in grid.items()}
     seeds = list(range(args.seed, args.seed + args.seeds))
     base_fields = {}
     if args.preset == "paper":
@@ -137,9 +139,15 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     scalars = {name: values[0] for name, values in grid.items()}
     try:
         base = run_config(args, model="qcnn", seed=seeds[0], **scalars, **base_fields)
-        configs = expand_grid(base, grid, seeds, with_cnn=not args.no_cnn)
+        return expand_grid(base, grid, seeds, with_cnn=not args.no_cnn)
     except (ValueError, TypeError) as error:
         raise SystemExit(str(error)) from error
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from experiments.sweep import run_sweep, summary_markdown, write_reports
+
+    configs = sweep_configs(args)
     device = str(resolve_device(args.device))
     out = Path(args.out)
     run_sweep(configs, out, device, args.data_dir, args.workers, args.launcher, args.ray_address)

@@ -14,7 +14,6 @@ import csv
 import hashlib
 import itertools
 import json
-import math
 import statistics
 import time
 from collections import defaultdict
@@ -29,7 +28,7 @@ import torch
 from experiments.compare import read_curve
 from experiments.config import RunConfig
 from experiments.plots import plot_accuracy_vs_sigma, plot_curves
-from experiments.train import read_finished
+from experiments.train import finite_mean, read_finished
 
 # The authors' grid (spec section 6): 2 × 2 × 5 × 2 = 40 QCNN configurations, plus the CNN.
 PAPER_GRID = {
@@ -159,9 +158,12 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
+CONFIGURATION = ("model", "mode", "epsilon", "cap", "sigma", "delta", "estimator", "sampling", "backprop")
+
+
 def configuration(row: dict) -> tuple:
-    return (row["model"], row["mode"], row["epsilon"], row["cap"], row["sigma"], row["delta"],
-            row["estimator"], row["sampling"], row["backprop"])  # fmt: skip
+    """The fields that tell configurations apart; seeds of one configuration share them."""
+    return tuple(row[field] for field in CONFIGURATION)
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -172,15 +174,14 @@ def summarise(rows: list[dict]) -> list[dict]:
     summary = []
     for key, group in sorted(groups.items(), key=lambda item: str(item[0])):
         accuracy = [r["test_accuracy"] for r in group]
-        entry = {**dict(zip(("model", "mode", "epsilon", "cap", "sigma", "delta", "estimator", "sampling",
-                             "backprop"), key, strict=True)),
+        entry = {**dict(zip(CONFIGURATION, key, strict=True)),
                  "seeds": len(group), "accuracy_mean": statistics.mean(accuracy),
                  "accuracy_std": statistics.stdev(accuracy) if len(group) > 1 else 0.0,
                  "train_seconds_mean": statistics.mean(r["train_seconds"] for r in group)}  # fmt: skip
         for layer in ("conv1", "conv2"):
-            values = [r.get(f"{layer}_speedup") for r in group if r.get(f"{layer}_speedup") is not None]
+            values = [r[f"{layer}_speedup"] for r in group if f"{layer}_speedup" in r]
             if values:
-                entry[f"{layer}_speedup"] = statistics.mean(v for v in values if math.isfinite(v))
+                entry[f"{layer}_speedup"] = finite_mean(values)
         summary.append(entry)
     return summary
 

@@ -65,14 +65,15 @@ def evaluate(
             layer.track_cost = False
     model.train()
     summary = {
-        name: {key: _mean([row[key] for row in rows]) for key in rows[0]}
+        name: {key: finite_mean([row[key] for row in rows]) for key in rows[0]}
         for name, rows in costs.items()
         if rows
     }
     return {"test_loss": loss_sum / len(images), "test_accuracy": correct / len(images), "cost": summary}
 
 
-def _mean(values: list[float]) -> float:
+def finite_mean(values: list[float]) -> float:
+    """Mean of the finite values (a quantum cost is infinite where ε = 0); inf if none is."""
     finite = [v for v in values if math.isfinite(v)]
     return sum(finite) / len(finite) if finite else math.inf
 

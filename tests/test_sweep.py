@@ -71,9 +71,7 @@ def test_killed_sweep_resumes_exactly_the_missing_runs(tmp_path, mnist_raw_dir, 
     before = kill_after(out, 3, extra)
     assert 3 <= len(before) < 10
     args = cli.build_parser().parse_args(["sweep", *GRID, *TINY, "--out", str(out), *extra])
-    grid = {name: getattr(args, name) for name in ("epsilon", "sigma")}
-    configs = expand_grid(cli.run_config(args, model="qcnn", seed=1, epsilon=0.01, sigma=0.2), grid,
-                          seeds=[1, 2], with_cnn=True)  # fmt: skip
+    configs = cli.sweep_configs(args)
     executed = run_sweep(configs, out, "cpu", workers=2, launcher=launcher)
     assert sorted(executed) == sorted({run_id(c) for c in configs} - before)
     assert all(read_finished(out / "runs" / run_id(c), c) for c in configs)

@@ -26,10 +26,9 @@ import numpy as np
 import torch
 
 from qcnn.backends.circuits import amplitude_encoding, hadamard_states
+from qcnn.options import BACKEND_DEVICES, BACKENDS
 
 log = logging.getLogger("qcnn.backends")
-BACKENDS = ("torch", "pennylane", "qiskit-aer")
-DEVICES = ("auto", "cpu", "gpu")
 
 
 class Backend(Protocol):
@@ -47,8 +46,8 @@ def get_backend(name: str, device: str = "auto", simulator: str | None = None) -
     """The backend ``name`` on ``device``; ``simulator`` picks PennyLane's device."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    if device not in DEVICES:
-        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    if device not in BACKEND_DEVICES:
+        raise ValueError(f"device must be one of {BACKEND_DEVICES}, got {device!r}")
     if name == "torch":
         from qcnn.backends.emulation import TorchBackend
 

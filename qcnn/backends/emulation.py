@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from qcnn.backends import fall_back_to_cpu
 from qcnn.backends.circuits import zero_probability
 from qcnn.estimation import sample_ae_outcomes
 
@@ -18,10 +19,9 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, device: str = "auto") -> None:
-        use_cuda = device in ("auto", "gpu") and torch.cuda.is_available()
-        if device == "gpu" and not use_cuda:
-            raise RuntimeError("torch: device='gpu' asked for, but no CUDA device is available")
-        self.torch_device = torch.device("cuda" if use_cuda else "cpu")
+        if device != "cpu" and not torch.cuda.is_available():
+            device = fall_back_to_cpu("torch", "no CUDA device is available", device)
+        self.torch_device = torch.device("cpu" if device == "cpu" else "cuda")
         self.device = str(self.torch_device)
 
     def _generator(self, seed: int) -> torch.Generator:
