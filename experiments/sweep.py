@@ -74,13 +74,10 @@ def run_id(config: RunConfig) -> str:
 
 def execute(config_dict: dict, run_dir: str, device: str, data_dir: str | None, threads: int) -> dict:
     """One run, in whatever process it lands (process pool worker or Ray task)."""
-    import numba
-
     from experiments.data import load_mnist
     from experiments.train import train_run
 
     torch.set_num_threads(threads)  # workers share the cores: no pool may claim them all
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     config = RunConfig.from_dict(config_dict)
     data = load_mnist(data_dir, device)
     started = time.perf_counter()

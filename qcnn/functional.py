@@ -57,13 +57,14 @@ class _QConv2d(torch.autograd.Function):
         scale = norms * kernel_norms
         y_hat = estimate(y, scale, options, generator)
         if bias is not None:
-            y = y + bias.view(1, -1, 1, 1)
             y_hat = y_hat + bias.view(1, -1, 1, 1)
         cap = options.cap
         if options.cap_order == "theory":
             f = y_hat.clamp(0, cap)
             gate = (y_hat > 0) & (y_hat < cap)
         else:  # the authors' clamp(clamp(Y) + noise)
+            if bias is not None:
+                y = y + bias.view(1, -1, 1, 1)
             inner = y.clamp(0, cap)
             noisy = inner + (y_hat - y)
             f = noisy.clamp(0, cap)
@@ -74,7 +75,7 @@ class _QConv2d(torch.autograd.Function):
         else:
             kept = sample_mask(f, options.sigma, options.sampling, generator)
             samples = n_samples(options.sigma, outputs)
-            out = f * kept
+            out = torch.where(kept, f, 0.0)  # no bool-to-float copy, unlike f * kept
             gate &= kept
         if record is not None:
             volume = weight[0].numel()
@@ -89,7 +90,7 @@ class _QConv2d(torch.autograd.Function):
         x, weight, gate = ctx.saved_tensors
         stride, padding, has_bias = ctx.conv
         options, generator = ctx.options, ctx.generator
-        grad_y = grad_out * gate
+        grad_y = torch.where(gate, grad_out, 0.0)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
             grad_y, x, weight, [weight.shape[0]] if has_bias else None,

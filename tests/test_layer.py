@@ -15,7 +15,7 @@ from qcnn import QConv2d, QuantumSGD, functional
 from qcnn.backprop import noisy_gradient, tomography_estimate, tomography_samples
 from qcnn.estimation import ae_outcome_probabilities, estimate, patch_norms, sample_ae_outcomes
 from qcnn.options import QConvOptions
-from qcnn.sampling import _search_draws, sample_mask
+from qcnn.sampling import _exponentials, _search_draws, sample_mask
 from tests.stats import ALPHA, assert_matches_distribution, assert_standard_normal
 
 EXACT = {"epsilon": 0.0, "sigma": None, "cap": math.inf, "delta": 0.0}
@@ -243,9 +243,8 @@ def test_compiled_and_searchsorted_samplers_agree():
     values[5] = 0
     for mode in ("linear", "quadratic"):
         mask = sample_mask(values, 0.4, mode, generator(13))
-        g = generator(13)
         n = math.floor(0.4 * 243)
-        exponentials = torch.rand(32, n + 1, generator=g).neg_().log1p_().neg_()
+        exponentials = _exponentials(32, n + 1, generator(13), torch.device("cpu"))
         flat = values.flatten(1)
         positions = _search_draws(flat if mode == "linear" else flat**2, exponentials)
         expected = torch.zeros(32, 243, dtype=torch.bool).scatter_(1, positions, True)
