@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from experiments.config import RunConfig
+from experiments.files import RunLocked
 
 log = logging.getLogger("experiments")
 DEFAULTS = RunConfig()
@@ -91,7 +92,10 @@ def cmd_compare(args: argparse.Namespace) -> None:
     seeds = list(range(args.seed, args.seed + args.seeds))
     print(f"compare: {', '.join(models)} on {device}, seeds {seeds}, results in {args.out}")
     started = time.perf_counter()
-    rows = run_compare(base, seeds, models, data, Path(args.out), device, not args.no_progress)
+    try:
+        rows = run_compare(base, seeds, models, data, Path(args.out), device, not args.no_progress)
+    except RunLocked as error:
+        raise SystemExit(f"{error}; wait for it to finish, or use another --out") from error
     print()
     print(format_table(rows))
     print(f"\nwall time {time.perf_counter() - started:.1f} s; "

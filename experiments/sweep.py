@@ -27,6 +27,7 @@ import torch
 
 from experiments.compare import read_curve
 from experiments.config import RunConfig
+from experiments.files import RunLocked
 from experiments.plots import plot_accuracy_vs_sigma, plot_curves
 from experiments.train import finite_mean, read_finished
 
@@ -81,7 +82,10 @@ def execute(config_dict: dict, run_dir: str, device: str, data_dir: str | None, 
     config = RunConfig.from_dict(config_dict)
     data = load_mnist(data_dir, device)
     started = time.perf_counter()
-    metrics = train_run(config, data, Path(run_dir), torch.device(device), progress=False)
+    try:
+        metrics = train_run(config, data, Path(run_dir), torch.device(device), progress=False)
+    except RunLocked:  # another sweep on the same store has it: leave it to that one
+        return {"run": Path(run_dir).name, "accuracy": None, "seconds": time.perf_counter() - started}
     return {"run": Path(run_dir).name, "accuracy": metrics["test_accuracy"],
             "seconds": time.perf_counter() - started}  # fmt: skip
 
@@ -108,6 +112,9 @@ def run_sweep(
     done = []
 
     def report(result: dict) -> None:
+        if result["accuracy"] is None:
+            print(f"  skipped {result['run']}: another process is training it")
+            return
         done.append(result["run"])
         print(f"  [{len(done)}/{len(jobs)}] {result['run']}: test accuracy "
               f"{100 * result['accuracy']:.2f} %, {result['seconds']:.1f} s")  # fmt: skip

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from experiments.config import RunConfig
 from experiments.data import Mnist, batches
-from experiments.files import atomic_save, atomic_write_text
+from experiments.files import atomic_save, atomic_write_text, run_lock
 from experiments.models import build_model, build_optimiser, qconv_layers
 
 CURVE_FIELDS = ("epoch", "batch", "images_seen", "loss")
@@ -85,8 +85,15 @@ def train_run(
     device: torch.device,
     progress: bool = True,
 ) -> dict:
-    """Train and evaluate one run in ``out_dir``; resumable; returns its metrics."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Train and evaluate one run in ``out_dir``; resumable; returns its metrics.
+
+    Raises :class:`experiments.files.RunLocked` if another process is training there.
+    """
+    with run_lock(out_dir):
+        return _train(config, data, out_dir, device, progress)
+
+
+def _train(config: RunConfig, data: Mnist, out_dir: Path, device: torch.device, progress: bool) -> dict:
     if (finished := read_finished(out_dir, config)) is not None:
         return finished
     train_x, train_y = data.train_images[: config.train_limit], data.train_labels[: config.train_limit]

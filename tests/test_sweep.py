@@ -15,6 +15,7 @@ import pytest
 
 from experiments import cli
 from experiments.config import RunConfig
+from experiments.files import RunLocked, run_lock
 from experiments.sweep import PAPER_GRID, expand_grid, run_id, run_sweep, write_reports
 from experiments.train import read_finished
 
@@ -79,8 +80,23 @@ def test_killed_sweep_resumes_exactly_the_missing_runs(tmp_path, mnist_raw_dir, 
     with open(out / "results.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 10 and len({r["run"] for r in rows}) == 10
-    leftovers = [p for p in (out / "runs").rglob(".*") if p.is_file()]
+    leftovers = [p for p in (out / "runs").rglob(".*") if p.is_file() and p.name != ".lock"]
     assert leftovers == [], f"temporary files left behind: {leftovers}"
+
+
+def test_a_run_that_another_process_is_training_is_left_to_it(tmp_path, mnist_raw_dir, capsys):
+    """Two sweeps on one store never train the same run: the run lock makes the second skip it."""
+    out = tmp_path / "sweep"
+    args = cli.build_parser().parse_args(["sweep", "--sigma", "0.5", *TINY, "--out", str(out)])
+    configs = cli.sweep_configs(args)
+    busy = out / "runs" / run_id(configs[0])
+    with run_lock(busy):
+        executed = run_sweep(configs, out, "cpu")
+        with pytest.raises(RunLocked), run_lock(busy):
+            pass
+    assert executed == [run_id(c) for c in configs[1:]]
+    assert "another process is training it" in capsys.readouterr().out
+    assert run_sweep(configs, out, "cpu") == [run_id(configs[0])]
 
 
 def test_sweep_cli_with_two_workers_writes_every_output(tmp_path, mnist_raw_dir, capsys):
