@@ -4,8 +4,10 @@ Each run lives in ``<out>/runs/<run id>/`` and is written by :func:`experiments.
 whose ``metrics.json`` is replaced atomically and says whether the run finished. A sweep skips
 finished runs and resumes unfinished ones from their last epoch checkpoint, so an interrupted
 sweep loses at most the epochs in flight. Runs execute in this process (``--workers 1``), in a
-local process pool (``--workers N``) or as Ray tasks (``--launcher ray``), all writing into
-the same store. The tables and plots are rebuilt from the store at the end, one row per run.
+local process pool (``--workers N``; on several GPUs each CUDA worker takes one in turn) or
+as Ray tasks (``--launcher ray``, one GPU per task on CUDA), all writing into the same store.
+A run folder is locked while it trains, so two sweeps on one store never train the same run.
+The tables and plots are rebuilt from the store at the end, one row per run.
 """
 
 from __future__ import annotations
@@ -73,11 +75,29 @@ def run_id(config: RunConfig) -> str:
     return "_".join(parts)
 
 
+_worker_device: str | None = None  # set in each process-pool worker by _claim_device
+
+
+def worker_devices(device: str, workers: int) -> list[str]:
+    """The device of each pool worker: with several GPUs, CUDA workers take them in turn."""
+    gpus = torch.cuda.device_count() if device == "cuda" else 0
+    if gpus < 2:
+        return [device] * workers
+    return [f"cuda:{index % gpus}" for index in range(workers)]
+
+
+def _claim_device(devices) -> None:
+    """Process-pool initializer: this worker trains on the next device in the queue."""
+    global _worker_device
+    _worker_device = devices.get()
+
+
 def execute(config_dict: dict, run_dir: str, device: str, data_dir: str | None, threads: int) -> dict:
-    """One run, in whatever process it lands (process pool worker or Ray task)."""
+    """One run, in whatever process it lands (this one, a pool worker or a Ray task)."""
     from experiments.data import load_mnist
     from experiments.train import train_run
 
+    device = _worker_device or device
     torch.set_num_threads(threads)  # workers share the cores: no pool may claim them all
     config = RunConfig.from_dict(config_dict)
     data = load_mnist(data_dir, device)
@@ -123,13 +143,18 @@ def run_sweep(
         import ray
 
         ray.init(address=ray_address, ignore_reinit_error=True, log_to_driver=False)
-        remote = ray.remote(num_cpus=threads)(execute)
+        # Ray gives a task that asks for a GPU its own, through CUDA_VISIBLE_DEVICES.
+        remote = ray.remote(num_cpus=threads, num_gpus=int(device == "cuda"))(execute)
         futures = [remote.remote(*job) for job in jobs]
         while futures:
             ready, futures = ray.wait(futures, num_returns=1)
             report(ray.get(ready[0]))
     elif workers > 1:
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        context = get_context("spawn")
+        devices = context.Queue()
+        for name in worker_devices(device, workers):
+            devices.put(name)
+        with ProcessPoolExecutor(workers, context, _claim_device, (devices,)) as pool:
             for future in as_completed([pool.submit(execute, *job) for job in jobs]):
                 report(future.result())
     else:

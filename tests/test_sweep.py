@@ -12,11 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from experiments import cli
 from experiments.config import RunConfig
 from experiments.files import RunLocked, run_lock
-from experiments.sweep import PAPER_GRID, expand_grid, run_id, run_sweep, write_reports
+from experiments.sweep import PAPER_GRID, expand_grid, run_id, run_sweep, worker_devices, write_reports
 from experiments.train import read_finished
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -33,6 +34,14 @@ def test_paper_preset_expands_to_40_configurations_per_seed():
     assert {c.sigma for c in quantum} == {0.1, 0.2, 0.3, 0.4, 0.5}
     with pytest.raises(ValueError, match="not a RunConfig field"):
         expand_grid(RunConfig(), {"learning_rate": [0.1]}, seeds=[1], with_cnn=False)
+
+
+def test_pool_workers_spread_over_the_gpus(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    assert worker_devices("cuda", 4) == ["cuda:0", "cuda:1", "cuda:2", "cuda:0"]
+    assert worker_devices("cpu", 2) == ["cpu", "cpu"]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert worker_devices("cuda", 2) == ["cuda", "cuda"]
 
 
 def finished_runs(out: Path) -> set[str]:
