@@ -66,6 +66,10 @@ def add_run_options(parser: argparse.ArgumentParser, grid: bool = False) -> None
                        choices=("exact", "gaussian", "shots", "amplitude-estimation"))  # fmt: skip
     group.add_argument("--sampling", choices=("linear", "quadratic"), default=d.sampling)
     group.add_argument("--backprop", choices=("exact", "gaussian", "tomography"), default=d.backprop)
+    group.add_argument("--norms", choices=("exact", "authors"), default=None,
+                       help="patch norms, overriding the mode's choice")  # fmt: skip
+    group.add_argument("--cap-order", choices=("theory", "authors"), default=None,
+                       help="f(Y+noise) or clamp(clamp(Y)+noise), overriding the mode's choice")  # fmt: skip
     group = parser.add_argument_group("where")
     group.add_argument("--device", default="auto", help="auto, cpu or cuda")
     group.add_argument("--data-dir", default=None, help="folder with the MNIST IDX files")

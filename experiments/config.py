@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, fields
 from qcnn.options import QConvOptions
 
 MODES = ("theory", "authors")
+OVERRIDES = ("norms", "cap_order")  # layer options that can depart from the mode's choice
 
 
 @dataclass(frozen=True)
@@ -17,7 +18,8 @@ class RunConfig:
     ``mode`` chooses the fidelity: "theory" = exact patch norms, f(Y + noise), δ applied
     inside each QCNN layer's backward (by ``backprop``); "authors" = the authors' simulation,
     norms of image 0 channel 0, clamp(clamp(Y) + noise), δ on every parameter's gradient at
-    the optimiser step.
+    the optimiser step. ``norms`` and ``cap_order``, when set, override the mode's choice
+    for that one option.
     """
 
     model: str = "qcnn"  # "cnn" or "qcnn"
@@ -30,6 +32,8 @@ class RunConfig:
     estimator: str = "gaussian"
     sampling: str = "linear"
     backprop: str = "gaussian"
+    norms: str | None = None  # None: the mode's ("exact" in theory, "authors" in authors)
+    cap_order: str | None = None  # None: the mode's
     epochs: int = 2
     batch_size: int = 64
     test_batch_size: int = 1000
@@ -66,8 +70,8 @@ class RunConfig:
             "sigma": self.sigma,
             "estimator": self.estimator,
             "sampling": self.sampling,
-            "norms": "authors" if authors else "exact",
-            "cap_order": "authors" if authors else "theory",
+            "norms": self.norms or ("authors" if authors else "exact"),
+            "cap_order": self.cap_order or ("authors" if authors else "theory"),
             "delta": 0.0 if authors else self.delta,
             "backprop": "exact" if authors else self.backprop,
         }
@@ -78,7 +82,13 @@ class RunConfig:
         return self.delta if self.model == "qcnn" and self.mode == "authors" else 0.0
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """The fields, without the overrides left unset: run ids and result stores made
+        before the overrides existed stay valid."""
+        data = asdict(self)
+        for name in OVERRIDES:
+            if data[name] is None:
+                del data[name]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> RunConfig:

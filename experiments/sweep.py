@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from experiments.compare import read_curve
-from experiments.config import RunConfig
+from experiments.config import OVERRIDES, RunConfig
 from experiments.files import RunLocked
 from experiments.plots import plot_accuracy_vs_sigma, plot_curves
 from experiments.train import finite_mean, read_finished
@@ -70,6 +70,7 @@ def run_id(config: RunConfig) -> str:
         parts = [f"qcnn-{config.net}-{config.mode}", f"eps{config.epsilon:g}", f"C{config.cap:g}",
                  f"sigma{config.sigma:g}" if config.sigma is not None else "nosampling",
                  f"delta{config.delta:g}", config.estimator, config.sampling, config.backprop]  # fmt: skip
+        parts += [f"{name}-{getattr(config, name)}" for name in OVERRIDES if getattr(config, name)]
     digest = hashlib.sha1(json.dumps(config.as_dict(), sort_keys=True).encode()).hexdigest()[:8]
     parts += [f"e{config.epochs}", f"n{config.train_limit or 'all'}", f"seed{config.seed}", digest]
     return "_".join(parts)
@@ -187,12 +188,20 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-CONFIGURATION = ("model", "mode", "epsilon", "cap", "sigma", "delta", "estimator", "sampling", "backprop")
+OPTIONS = ("estimator", "sampling", "backprop", *OVERRIDES)
+CONFIGURATION = ("model", "mode", "epsilon", "cap", "sigma", "delta", *OPTIONS)
 
 
 def configuration(row: dict) -> tuple:
     """The fields that tell configurations apart; seeds of one configuration share them."""
-    return tuple(row[field] for field in CONFIGURATION)
+    return tuple(row.get(field) for field in CONFIGURATION)  # runs older than an override lack it
+
+
+def variant(row: dict) -> str:
+    """The mode and every option that differs from the default: "theory, estimator=shots"."""
+    default = RunConfig()
+    changed = [f"{name}={row.get(name)}" for name in OPTIONS if row.get(name) != getattr(default, name)]
+    return ", ".join([row["mode"], *changed])
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -227,7 +236,7 @@ def write_reports(out: Path) -> list[dict]:
     series: dict[str, list] = defaultdict(list)
     for entry in summary:
         if entry["model"] == "qcnn" and entry["sigma"] is not None:
-            label = f"ε={entry['epsilon']:g}, C={entry['cap']:g}, δ={entry['delta']:g} ({entry['mode']})"
+            label = f"ε={entry['epsilon']:g}, C={entry['cap']:g}, δ={entry['delta']:g} ({variant(entry)})"
             series[label].append((entry["sigma"], entry["accuracy_mean"], entry["accuracy_std"]))
     if series:
         plot_accuracy_vs_sigma(series, out / "accuracy_vs_sigma.png")
@@ -236,25 +245,26 @@ def write_reports(out: Path) -> list[dict]:
     for row in rows:
         if row["model"] == "qcnn":
             curve = read_curve(out / "runs" / row["run"] / "curve.csv")
-            figures[tuple(row[a] for a in AXES) + (row["mode"],)][f"σ={row['sigma']}"].append(curve)
-    for (epsilon, cap, delta, mode), curves in figures.items():
+            figures[tuple(row[a] for a in AXES) + (variant(row),)][f"σ={row['sigma']}"].append(curve)
+    for (epsilon, cap, delta, kind), curves in figures.items():
         if cnn_runs:
             curves["CNN"] = cnn_runs
-        name = f"curves_eps{epsilon:g}_C{cap:g}_delta{delta:g}_{mode}.png"
-        title = f"QCNN ε={epsilon}, C={cap}, δ={delta} ({mode})"
+        suffix = kind.replace(", ", "_").replace("=", "-")
+        name = f"curves_eps{epsilon:g}_C{cap:g}_delta{delta:g}_{suffix}.png"
+        title = f"QCNN ε={epsilon}, C={cap}, δ={delta} ({kind})"
         plot_curves(dict(sorted(curves.items())), out / name, title)
     return summary
 
 
 def summary_markdown(summary: list[dict]) -> str:
     lines = [
-        "| model | mode | ε | C | σ | δ | seeds | test accuracy % | conv1 speedup | conv2 speedup "
+        "| model | mode, options | ε | C | σ | δ | seeds | test accuracy % | conv1 speedup | conv2 speedup "
         "| train s |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in summary:
         quantum = e["model"] == "qcnn"
-        cells = [e["model"], e["mode"] if quantum else "", *(f"{e[k]}" if quantum else "" for k in
+        cells = [e["model"], variant(e) if quantum else "", *(f"{e[k]}" if quantum else "" for k in
                  ("epsilon", "cap", "sigma", "delta")), str(e["seeds"]),
                  f"{100 * e['accuracy_mean']:.2f} ± {100 * e['accuracy_std']:.2f}",
                  *(f"{e[f'{layer}_speedup']:.3g}" if f"{layer}_speedup" in e else "" for layer in

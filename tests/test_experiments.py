@@ -13,6 +13,7 @@ from classical import AuthorsNet, LeNet5
 from experiments import cli, train
 from experiments.config import RunConfig
 from experiments.models import build_model, qconv_block, quantum_copy
+from experiments.sweep import run_id
 from qcnn import QConv2d
 
 CPU = torch.device("cpu")
@@ -134,3 +135,17 @@ def test_run_config_validates():
         RunConfig(epsilon=-1.0)
     with pytest.raises(ValueError, match="train_limit"):
         RunConfig(train_limit=0)
+    with pytest.raises(ValueError, match="norms"):
+        RunConfig(norms="image0")
+
+
+def test_norms_and_cap_order_override_the_mode_for_one_option():
+    theory, authors = RunConfig().layer_options(), RunConfig(mode="authors").layer_options()
+    assert (theory["norms"], theory["cap_order"]) == ("exact", "theory")
+    assert (authors["norms"], authors["cap_order"]) == ("authors", "authors")
+    mixed = RunConfig(norms="authors").layer_options()
+    assert (mixed["norms"], mixed["cap_order"], mixed["delta"]) == ("authors", "theory", 0.01)
+    # unset overrides stay out of the config dict, so stores made before them stay valid:
+    # this is the id of the CNN run of the paper preset, seed 1, made before they existed
+    assert "norms" not in RunConfig().as_dict() and RunConfig(cap_order="authors").as_dict()["cap_order"]
+    assert run_id(RunConfig(model="cnn", cap=2.0, sigma=0.1)) == "cnn_authors_e2_nall_seed1_59345bc6"

@@ -128,10 +128,15 @@ def test_sweep_cli_with_two_workers_writes_every_output(tmp_path, mnist_raw_dir,
 
 
 def test_sweep_config_file(tmp_path, mnist_raw_dir):
-    spec = {"grid": {"delta": [0.01, 0.1]}, "seeds": [5], "mode": "authors"}
+    spec = {"grid": {"delta": [0.01, 0.1], "norms": ["exact", "authors"]}, "seeds": [5], "mode": "authors"}
     (tmp_path / "grid.json").write_text(json.dumps(spec))
     out = tmp_path / "sweep"
     cli.main(["sweep", "--config", str(tmp_path / "grid.json"), "--no-cnn", *TINY, "--out", str(out)])
     configs = configs_of(out)
-    assert sorted(c.delta for c in configs) == [0.01, 0.1]
+    assert sorted((c.delta, c.norms) for c in configs) == [
+        (0.01, "authors"), (0.01, "exact"), (0.1, "authors"), (0.1, "exact")]  # fmt: skip
     assert all(c.mode == "authors" and c.seed == 5 for c in configs)
+    # an option off its default is part of the configuration, its label and its figure
+    summary = (out / "summary.md").read_text()
+    assert summary.count("| authors, norms=exact |") == 2 and summary.count("| authors, norms=authors |") == 2
+    assert (out / "curves_eps0.01_C10_delta0.1_authors_norms-exact.png").read_bytes().startswith(PNG_MAGIC)
