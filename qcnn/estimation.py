@@ -8,6 +8,7 @@ vectorised over the batch.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -36,18 +37,26 @@ def patch_norms(
     the whole batch.
     """
     squares = x[:1, 0].square() if authors else x.square().sum(1)
-    rows = _box_band(x.shape[2], kernel_size[0], stride[0], padding[0], x)
-    cols = _box_band(x.shape[3], kernel_size[1], stride[1], padding[1], x)
+    rows = _box_band(x.shape[2], kernel_size[0], stride[0], padding[0], x.device, x.dtype)
+    cols = _box_band(x.shape[3], kernel_size[1], stride[1], padding[1], x.device, x.dtype)
     sums = rows.T @ squares @ cols  # (B, H', W')
     return sums.clamp_min(0).sqrt().unsqueeze(1)
 
 
-def _box_band(size: int, kernel: int, stride: int, padding: int, like: torch.Tensor) -> torch.Tensor:
-    """(size, out) 0/1 matrix: column o sums inputs o·stride − padding ... + kernel − 1."""
+@functools.lru_cache(maxsize=64)
+def _box_band(
+    size: int, kernel: int, stride: int, padding: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """(size, out) 0/1 matrix: column o sums inputs o·stride − padding ... + kernel − 1.
+
+    Cached, and never written to: a layer needs the same two bands at every forward pass,
+    and building them anew took about ten small kernel launches per layer on CUDA.
+    """
     out = (size + 2 * padding - kernel) // stride + 1
-    start = torch.arange(out, device=like.device) * stride - padding
-    index = torch.arange(size, device=like.device).unsqueeze(1)
-    return ((index >= start) & (index < start + kernel)).to(like.dtype)
+    with torch.inference_mode(False):  # a cached inference tensor could not join autograd later
+        start = torch.arange(out, device=device) * stride - padding
+        index = torch.arange(size, device=device).unsqueeze(1)
+        return ((index >= start) & (index < start + kernel)).to(dtype)
 
 
 def estimate(

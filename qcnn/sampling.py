@@ -72,13 +72,13 @@ def _exponentials(
 
 def _search_draws(weights: torch.Tensor, exponentials: torch.Tensor) -> torch.Tensor:
     """Positions of the sorted draws, (B, N_s), by ``torch.searchsorted`` (any device)."""
-    cdf = weights.double().cumsum(1)
+    cdf = weights.cumsum(1, dtype=torch.float64)
     total = cdf[:, -1:]
     empty = total == 0  # all-zero image: uniform weights, which keep only zeros
     positions = torch.arange(1, cdf.shape[1] + 1, device=cdf.device, dtype=cdf.dtype)
     cdf = torch.where(empty, positions, cdf)
     total = torch.where(empty, float(cdf.shape[1]), total)
-    spacings = exponentials.double().cumsum(1)
+    spacings = exponentials.cumsum(1, dtype=torch.float64)
     draws = spacings[:, :-1] * (total / spacings[:, -1:])
     return torch.searchsorted(cdf, draws, right=True).clamp_max_(cdf.shape[1] - 1)
 

@@ -11,7 +11,7 @@ from experiments import data
 
 @pytest.fixture(scope="session")
 def mnist_raw_dir() -> Path:
-    """The cache folder holding the four verified raw IDX files."""
+    """The cache folder holding the four verified IDX files (raw or .gz)."""
     data.load_uint8()
     folder = data.cache_dir()
     if data.locate(folder) is None:

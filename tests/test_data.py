@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import shutil
 
 import numpy as np
 import pytest
@@ -94,12 +93,13 @@ def test_real_mnist_from_torchvision_layout(tmp_path, mnist_raw_dir):
     """The real files, gzipped in torchvision's layout, parse to the same tensors."""
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)
+    cached = locate(mnist_raw_dir)  # raw or .gz, as the cache happens to hold them
     for key, idx in FILES.items():
-        source = mnist_raw_dir / idx.name
+        content = read_verified(cached[key], idx)
         if key.startswith("test"):
-            (raw / f"{idx.name}.gz").write_bytes(gzip.compress(source.read_bytes(), compresslevel=1))
+            (raw / f"{idx.name}.gz").write_bytes(gzip.compress(content, compresslevel=1))
         else:
-            shutil.copy(source, raw / idx.name)
+            (raw / idx.name).write_bytes(content)
     arrays = data.load_uint8(tmp_path)
     assert arrays["train_images"].shape == (60000, 28, 28)
     assert arrays["test_labels"][:5].tolist() == [7, 2, 1, 0, 4]

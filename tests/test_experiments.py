@@ -11,6 +11,7 @@ import torch
 
 from classical import AuthorsNet, LeNet5
 from experiments import cli, train
+from experiments.compare import read_curve
 from experiments.config import RunConfig
 from experiments.models import build_model, qconv_block, quantum_copy
 from experiments.sweep import run_id
@@ -114,6 +115,18 @@ def test_compare_cli_writes_every_output(tmp_path, mnist_raw_dir, capsys):
     expected = ["cnn", "cnn", "cnn-qcnn-test", "cnn-qcnn-test", "qcnn", "qcnn"]
     assert sorted(r["model"] for r in rows) == expected
     assert (out / "curves.png").read_bytes().startswith(PNG_MAGIC)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_compare_trains_both_models_on_cuda(tmp_path, mnist_raw_dir):
+    out = tmp_path / "compare"
+    cli.main(["compare", "--train-limit", "2000", "--test-limit", "500", "--epochs", "2",
+              "--device", "cuda", "--no-progress", "--out", str(out)])  # fmt: skip
+    for run in ("cnn-seed1", "qcnn-seed1"):
+        metrics = json.loads((out / run / "metrics.json").read_text())
+        assert metrics["finished"] and metrics["device"].startswith("cuda")
+        losses = [point["loss"] for point in read_curve(out / run / "curve.csv")]
+        assert losses[-1] < losses[0], (run, losses)  # it learns on the GPU too
 
 
 def test_cli_rejects_bad_values_before_any_work(tmp_path):
