@@ -50,7 +50,7 @@ def _box_band(
     """(size, out) 0/1 matrix: column o sums inputs o·stride − padding ... + kernel − 1.
 
     Cached, and never written to: a layer needs the same two bands at every forward pass,
-    and building them anew took about ten small kernel launches per layer on CUDA.
+    and building them anew took nine small kernel launches per band on CUDA.
     """
     out = (size + 2 * padding - kernel) // stride + 1
     with torch.inference_mode(False):  # a cached inference tensor could not join autograd later
