@@ -78,6 +78,38 @@ def time_interleaved(
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+def profile_steps(devices: list[torch.device], batch: int, steps: int = 10) -> None:
+    """Print where one training step of each variant spends its time (torch profiler).
+
+    On CUDA it also prints the GPU kernels launched per step and the GPU time they take: a
+    step whose GPU time is far below its wall time is bound by the host (Python, dispatch,
+    launches), not by the GPU.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    for device in devices:
+        cuda = device.type == "cuda"
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        for name, config in VARIANTS.items():
+            step = _training_step(config, device, batch)
+            for _ in range(3):  # warm-up, as in time_interleaved
+                step()
+            _sync(device)
+            with profile(activities=activities) as profiler:
+                for _ in range(steps):
+                    step()
+                _sync(device)
+            events = profiler.key_averages()
+            print(f"\n== {device} ({machine_description(device)}), {name}, batch {batch}, {steps} steps")
+            if cuda:
+                kernels = [e for e in events if e.device_type.name == "CUDA"]
+                count = sum(e.count for e in kernels) / steps
+                busy_ms = sum(e.self_device_time_total for e in kernels) / steps / 1e3
+                print(f"{count:.0f} GPU kernels per step, GPU busy {busy_ms:.3f} ms per step")
+            order = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+            print(events.table(sort_by=order, row_limit=12))
+
+
 def machine_description(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

@@ -107,12 +107,15 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from experiments.bench import run_bench
+    from experiments.bench import profile_steps, run_bench
 
     devices = [torch.device("cpu")]
     if torch.cuda.is_available() and not args.cpu_only:
         devices.append(torch.device("cuda"))
-    run_bench(devices, args.batch_sizes, args.rounds, args.repeat)
+    if args.profile:
+        profile_steps(devices, args.batch_sizes[0])
+    else:
+        run_bench(devices, args.batch_sizes, args.rounds, args.repeat)
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
@@ -185,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds")
     bench.add_argument("--repeat", type=int, default=5, help="steps per round")
     bench.add_argument("--cpu-only", action="store_true", help="skip CUDA even when present")
+    bench.add_argument("--profile", action="store_true",
+                       help="instead of timing, profile 10 steps of each variant at the first batch size")
     bench.set_defaults(func=cmd_bench)
 
     sweep = sub.add_parser("sweep", help="grid over σ, ε, C, δ × seeds; resumable and parallel")

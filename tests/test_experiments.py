@@ -129,6 +129,15 @@ def test_compare_trains_both_models_on_cuda(tmp_path, mnist_raw_dir):
         assert losses[-1] < losses[0], (run, losses)  # it learns on the GPU too
 
 
+def test_bench_profile_breaks_down_a_step_of_every_variant(capsys):
+    cli.main(["bench", "--profile", "--cpu-only", "--batch-sizes", "4"])
+    printed = capsys.readouterr().out
+    for variant in ("cnn", "qcnn-theory", "qcnn-authors"):
+        assert f"{variant}, batch 4, 10 steps" in printed
+    assert printed.count("Self CPU time total") == 3
+    assert "aten::convolution_backward" in printed
+
+
 def test_cli_rejects_bad_values_before_any_work(tmp_path):
     small = ["--train-limit", "64", "--test-limit", "64", "--out", str(tmp_path / "out")]
     with pytest.raises(SystemExit, match="sigma"):
