@@ -37,7 +37,7 @@ def noisy_gradient(
     if model == "gaussian":
         norms = torch.linalg.vector_norm(flat, dim=1, keepdim=True)
         noise = torch.randn(flat.shape, generator=generator, device=flat.device, dtype=flat.dtype)
-        return torch.addcmul(flat, norms, noise, value=delta).view_as(gradient)
+        return torch.addcmul(flat, norms, noise, value=delta, out=noise).view_as(gradient)
     if model == "tomography":
         return tomography_estimate(flat, delta, generator).view_as(gradient)
     raise ValueError(f"backprop model must be 'exact', 'gaussian' or 'tomography', got {model!r}")

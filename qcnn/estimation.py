@@ -70,7 +70,7 @@ def estimate(
         return y
     if options.estimator == "gaussian":
         noise = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
-        return torch.addcmul(y, scale, noise, value=2 * options.epsilon)
+        return torch.addcmul(y, scale, noise, value=2 * options.epsilon, out=noise)
     probability = hadamard_probability(y, scale)
     if options.estimator == "shots":
         n = options.n_shots

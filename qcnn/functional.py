@@ -37,8 +37,10 @@ def check_input(x: torch.Tensor, weight: torch.Tensor, generator: torch.Generato
         raise ValueError(
             f"input has {x.shape[1]} channels, the layer expects in_channels={weight.shape[1]}"
         )
-    # NaN and inf propagate through a sum; float64 cannot overflow on float32 input.
-    if not torch.isfinite(x.sum(dtype=torch.float64)):
+    if x.numel() == 0:
+        raise ValueError(f"input has no elements, shape {tuple(x.shape)}")
+    # NaN propagates to both extremes, an infinity shows in one: one pass, no copy of x.
+    if not torch.isfinite(torch.stack(torch.aminmax(x))).all():
         raise ValueError("input contains NaN or inf")
     if generator is not None and generator.device.type != x.device.type:
         raise ValueError(
@@ -58,39 +60,41 @@ class _QConv2d(torch.autograd.Function):
         y_hat = estimate(y, scale, options, generator)
         if bias is not None:
             y_hat = y_hat + bias.view(1, -1, 1, 1)
+        # In-place steps below write only tensors made in this pass (y_hat may be y itself,
+        # which the theory order no longer needs): fewer large temporaries, fewer page faults.
         cap = options.cap
         if options.cap_order == "theory":
-            f = y_hat.clamp(0, cap)
-            gate = (y_hat > 0) & (y_hat < cap)
+            f, inner = y_hat.clamp_(0, cap), None
         else:  # the authors' clamp(clamp(Y) + noise)
             if bias is not None:
                 y = y + bias.view(1, -1, 1, 1)
-            inner = y.clamp(0, cap)
-            noisy = inner + (y_hat - y)
-            f = noisy.clamp(0, cap)
-            gate = (y > 0) & (y < cap) & (noisy > 0) & (noisy < cap)
+            inner = y  # the inner clamp's input: its flat parts stop the gradient too
+            f = (y.clamp(0, cap) + (y_hat - y)).clamp_(0, cap)
         outputs = f[0].numel()
-        if options.sigma is None:
-            kept, samples, out = None, outputs, f
-        else:
-            kept = sample_mask(f, options.sigma, options.sampling, generator)
-            samples = n_samples(options.sigma, outputs)
-            out = f * kept  # 3-4x faster than torch.where(kept, f, 0.0) on CPU
-            gate &= kept
+        kept = None
+        if options.sigma is not None:
+            kept = sample_mask(f, options.sigma, options.sampling, generator, f.dtype)
         if record is not None:
+            samples = outputs if kept is None else n_samples(options.sigma, outputs)
             volume = weight[0].numel()
             record(layer_cost(scale, f, kept, samples, options.epsilon, cap, volume))
-        ctx.save_for_backward(x, weight, gate)
+        out = f if kept is None else f.mul_(kept)
+        # Saved as torch's ReLU saves its result: changing it in place is an autograd error.
+        ctx.save_for_backward(x, weight, out, inner)
         ctx.conv = (stride, padding, bias is not None)
         ctx.options, ctx.generator = options, generator
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, gate = ctx.saved_tensors
+        x, weight, out, inner = ctx.saved_tensors
         stride, padding, has_bias = ctx.conv
         options, generator = ctx.options, ctx.generator
-        grad_y = grad_out * gate  # as torch.where(gate, grad_out, 0.0), 3-4x faster on CPU
+        # The gradient passes where 0 < out < C: sampled (else out = 0), not cut by the ReLU
+        # and not capped. hardtanh's backward is exactly that gate, in one pass.
+        grad_y = torch.ops.aten.hardtanh_backward(grad_out, out, 0.0, options.cap)
+        if inner is not None:
+            grad_y = torch.ops.aten.hardtanh_backward(grad_y, inner, 0.0, options.cap)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
             grad_y, x, weight, [weight.shape[0]] if has_bias else None,

@@ -15,7 +15,7 @@ from qcnn import QConv2d, QuantumSGD, functional
 from qcnn.backprop import noisy_gradient, tomography_estimate, tomography_samples
 from qcnn.estimation import ae_outcome_probabilities, estimate, patch_norms, sample_ae_outcomes
 from qcnn.options import QConvOptions
-from qcnn.sampling import _exponentials, _search_draws, sample_mask
+from qcnn.sampling import _exponentials, _merge_draws, _search_draws, sample_mask
 from tests.stats import ALPHA, assert_matches_distribution, assert_standard_normal
 
 EXACT = {"epsilon": 0.0, "sigma": None, "cap": math.inf, "delta": 0.0}
@@ -238,17 +238,37 @@ def test_all_zero_image_gives_zeros():
 
 
 def test_compiled_and_searchsorted_samplers_agree():
-    """The CPU merge kernel and the torch.searchsorted path (used on GPUs) agree draw for draw."""
-    values = (torch.rand(32, 3, 9, 9, generator=generator()) - 0.4).clamp_min(0)
+    """The CPU merge kernel and the torch.searchsorted path (used on GPUs) agree draw for draw.
+
+    33 images: the kernel merges four at a time, so the last group is incomplete. Among
+    them an all-zero image, images whose weight sits only in the first or the last
+    position, and long runs of zeros that draws must skip.
+    """
+    values = (torch.rand(33, 3, 9, 9, generator=generator()) - 0.4).clamp_min(0)
     values[5] = 0
+    values[9, 1:] = 0
+    values[30].view(-1)[:-1] = 0
+    values[32].view(-1)[1:] = 0
     for mode in ("linear", "quadratic"):
         mask = sample_mask(values, 0.4, mode, generator(13))
         n = math.floor(0.4 * 243)
-        exponentials = _exponentials(32, n + 1, generator(13), torch.device("cpu"))
+        exponentials = _exponentials(33, n + 1, generator(13), torch.device("cpu"))
         flat = values.flatten(1)
         positions = _search_draws(flat if mode == "linear" else flat**2, exponentials)
-        expected = torch.zeros(32, 243, dtype=torch.bool).scatter_(1, positions, True)
+        expected = torch.zeros(33, 243, dtype=torch.bool).scatter_(1, positions, True)
         assert torch.equal(mask.flatten(1), expected)
+
+
+def test_draw_at_the_end_of_the_cdf_keeps_the_last_position():
+    """A last exponential of 0 puts the last draw exactly at the total weight; both samplers
+    must map it to the last position (searchsorted alone would say one past the end)."""
+    weights = torch.tensor([[1.0, 0.0, 2.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 3.0]])
+    exponentials = torch.tensor([[0.5, 1.0, 0.0], [2.0, 0.25, 0.0]])
+    mask = torch.zeros(weights.shape, dtype=torch.bool)
+    _merge_draws(weights.numpy(), exponentials.numpy(), mask.numpy())
+    expected = torch.zeros_like(mask).scatter_(1, _search_draws(weights, exponentials), True)
+    assert torch.equal(mask, expected)
+    assert mask[:, -1].all()
 
 
 # --- quantum backpropagation (section 3) ---------------------------------------------------------
@@ -416,6 +436,8 @@ def test_sampling_off_accepts_no_sigma():
         (torch.zeros(1, 2, 5, 5), "channels"),
         (torch.full((1, 1, 5, 5), float("nan")), "NaN"),
         (torch.full((1, 1, 5, 5), float("inf")), "inf"),
+        (torch.zeros(2, 1, 5, 5).index_fill_(2, torch.tensor([3]), -math.inf), "inf"),
+        (torch.zeros(0, 1, 5, 5), "no elements"),
     ],
 )
 def test_bad_input_raises(x, match):
