@@ -70,11 +70,11 @@ class _QConv2d(torch.autograd.Function):
                 y = y + bias.view(1, -1, 1, 1)
             inner = y  # the inner clamp's input: its flat parts stop the gradient too
             f = (y.clamp(0, cap) + (y_hat - y)).clamp_(0, cap)
-        outputs = f[0].numel()
         kept = None
         if options.sigma is not None:
             kept = sample_mask(f, options.sigma, options.sampling, generator, f.dtype)
         if record is not None:
+            outputs = f[0].numel()
             samples = outputs if kept is None else n_samples(options.sigma, outputs)
             volume = weight[0].numel()
             record(layer_cost(scale, f, kept, samples, options.epsilon, cap, volume))
