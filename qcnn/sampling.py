@@ -60,7 +60,8 @@ def sample_mask(
     exponentials = _exponentials(len(flat), n_samples(sigma, flat.shape[1]) + 1, generator, flat.device)
     mask = torch.zeros(flat.shape, dtype=dtype, device=values.device)
     if flat.device.type == "cpu":
-        _merge_draws(weights.detach().numpy(), exponentials.numpy(), mask.numpy())
+        with torch.profiler.record_function("qcnn::merge_draws"):  # a row of its own in profiles
+            _merge_draws(weights.detach().numpy(), exponentials.numpy(), mask.numpy())
     else:
         mask.scatter_(1, _search_draws(weights, exponentials), 1)
     return mask.view(values.shape)
@@ -87,69 +88,74 @@ def _search_draws(weights: torch.Tensor, exponentials: torch.Tensor) -> torch.Te
     return torch.searchsorted(cdf, draws, right=True).clamp_max_(cdf.shape[1] - 1)
 
 
-# Images merged side by side by _merge_draws. One image's merge is a chain of dependent
-# loads and compares; interleaving four chains hides most of their latency.
-_IMAGES_AT_ONCE = 4
-
-
 @numba.njit(cache=True)
 def _merge_draws(weights: np.ndarray, exponentials: np.ndarray, mask: np.ndarray) -> None:
     """Set mask[b, i] to 1 where a sorted draw of image b falls in position i's CDF interval.
 
-    Each image's CDF is written out (float64, running sums in the same order as
-    ``_search_draws``'s ``cumsum``), its last entry replaced by +inf so that the last
-    position takes every draw past the others, as ``searchsorted``'s clamp does. The draws
-    then walk the CDF with :func:`_advance`, ``_IMAGES_AT_ONCE`` images side by side.
+    Per image, the CDF (float64 running sums in the same order as ``_search_draws``'s
+    ``cumsum``) and the sorted draws are merged like two sorted lists. Each step compares
+    the current draw with the current CDF entry: a draw below it lands at that position and
+    the next draw comes up, otherwise the next position does. The CDF's last entry is +inf,
+    so the last position takes every draw past the others (as ``searchsorted``'s clamp
+    does), and a +inf after the last draw keeps the positions within the CDF: K + N − 1
+    steps place all N draws. The steps are branch-free: draws land at unpredictable
+    distances, and mispredicted branches dominated the walks this merge replaces.
+
+    Four images (a, b, c, d) are merged side by side, so that their chains of dependent
+    loads and compares overlap. Their sums and positions are plain local variables on
+    purpose: LLVM keeps those in registers, whereas state kept in small arrays made every
+    step a round trip through memory.
     Serial on purpose: a numba thread pool is a second OpenMP runtime beside torch's, and
     its spinning threads slowed torch's convolutions and matrix products by about 1.5×.
     """
     rows, k = weights.shape
     n = exponentials.shape[1] - 1
-    group = _IMAGES_AT_ONCE
-    cdf = np.full((group, k + 3), np.inf)  # 3 more +inf: _advance reads 4 entries at a time
-    image = np.empty(group, np.int64)
-    total = np.empty(group)
-    spacing = np.empty(group)
-    scale = np.empty(group)
-    position = np.empty(group, np.int64)
-    for first in range(0, rows, group):
-        for r in range(group):  # the last group repeats its last image: same draws, same mask
-            image[r] = min(first + r, rows - 1)
-            total[r] = 0.0
-            spacing[r] = 0.0
-            position[r] = 0
+    cdfs = np.empty((4, k))
+    draws = np.full((4, n + 1), np.inf)
+    cdf_a, cdf_b, cdf_c, cdf_d = cdfs[0], cdfs[1], cdfs[2], cdfs[3]
+    draw_a, draw_b, draw_c, draw_d = draws[0], draws[1], draws[2], draws[3]
+    for a in range(0, rows, 4):
+        # The last group repeats its last image: same draws, same mask.
+        b, c, d = min(a + 1, rows - 1), min(a + 2, rows - 1), min(a + 3, rows - 1)
+        ta = tb = tc = td = 0.0
         for i in range(k):
-            for r in range(group):
-                total[r] += weights[image[r], i]
-                cdf[r, i] = total[r]
+            ta, tb, tc, td = ta + weights[a, i], tb + weights[b, i], tc + weights[c, i], td + weights[d, i]
+            cdf_a[i], cdf_b[i], cdf_c[i], cdf_d[i] = ta, tb, tc, td
+        sa = sb = sc = sd = 0.0
         for j in range(n + 1):
-            for r in range(group):
-                spacing[r] += exponentials[image[r], j]
-        for r in range(group):
-            if total[r] == 0.0:  # all-zero image: uniform weights, which keep only zeros
-                for i in range(k):
-                    cdf[r, i] = i + 1.0
-                total[r] = float(k)
-            cdf[r, k - 1] = np.inf
-            scale[r] = total[r] / spacing[r]
-            spacing[r] = 0.0
+            sa, sb = sa + exponentials[a, j], sb + exponentials[b, j]
+            sc, sd = sc + exponentials[c, j], sd + exponentials[d, j]
+        # Draw j of an image is (E_1 + ... + E_j) · total weight / (E_1 + ... + E_{N+1}).
+        fa, fb = _close_cdf(cdf_a, ta) / sa, _close_cdf(cdf_b, tb) / sb
+        fc, fd = _close_cdf(cdf_c, tc) / sc, _close_cdf(cdf_d, td) / sd
+        sa = sb = sc = sd = 0.0
         for j in range(n):
-            for r in range(group):
-                spacing[r] += exponentials[image[r], j]
-                position[r] = _advance(cdf[r], position[r], spacing[r] * scale[r])
-                mask[image[r], position[r]] = 1
+            sa, sb = sa + exponentials[a, j], sb + exponentials[b, j]
+            sc, sd = sc + exponentials[c, j], sd + exponentials[d, j]
+            draw_a[j], draw_b[j], draw_c[j], draw_d[j] = sa * fa, sb * fb, sc * fc, sd * fd
+        pa = pb = pc = pd = 0  # positions
+        ja = jb = jc = jd = 0  # draws
+        for _ in range(k + n - 1):
+            xa, xb = draw_a[ja] < cdf_a[pa], draw_b[jb] < cdf_b[pb]
+            xc, xd = draw_c[jc] < cdf_c[pc], draw_d[jd] < cdf_d[pd]
+            mask[a, pa] = max(mask[a, pa], xa)
+            mask[b, pb] = max(mask[b, pb], xb)
+            mask[c, pc] = max(mask[c, pc], xc)
+            mask[d, pd] = max(mask[d, pd], xd)
+            ja, jb, jc, jd = ja + xa, jb + xb, jc + xc, jd + xd
+            pa, pb, pc, pd = pa + 1 - xa, pb + 1 - xb, pc + 1 - xc, pd + 1 - xd
 
 
 @numba.njit(cache=True)
-def _advance(cdf: np.ndarray, i: int, draw: float) -> int:
-    """The first index >= i whose CDF entry exceeds ``draw`` (``cdf`` non-decreasing).
+def _close_cdf(cdf: np.ndarray, total: float) -> float:
+    """End one image's CDF with +inf; return its total weight.
 
-    Compares four entries per step and adds up the results instead of branching on each:
-    the draws land at unpredictable distances, and mispredicted branches made a one-entry
-    walk twice as slow.
+    An all-zero image gets uniform weights instead, which keep only zeros.
     """
-    while True:
-        step = (cdf[i] <= draw) + (cdf[i + 1] <= draw) + (cdf[i + 2] <= draw) + (cdf[i + 3] <= draw)
-        i += step
-        if step < 4:
-            return i
+    k = len(cdf)
+    if total == 0.0:
+        for i in range(k):
+            cdf[i] = i + 1.0
+        total = float(k)
+    cdf[k - 1] = np.inf
+    return total

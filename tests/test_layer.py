@@ -259,6 +259,19 @@ def test_compiled_and_searchsorted_samplers_agree():
         assert torch.equal(mask.flatten(1), expected)
 
 
+@pytest.mark.parametrize(("positions", "draws"), [(1, 1), (1, 5), (7, 1), (3, 40), (200, 3)])
+def test_compiled_merge_agrees_at_extreme_shapes(positions, draws):
+    """One position, one draw, and far more draws than positions: the merge must still
+    place every draw, in its fixed number of steps, where searchsorted does."""
+    weights = (torch.rand(6, positions, generator=generator(21)) - 0.3).clamp_min(0)
+    weights[2] = 0
+    exponentials = _exponentials(6, draws + 1, generator(22), torch.device("cpu"))
+    mask = torch.zeros(weights.shape, dtype=torch.bool)
+    _merge_draws(weights.numpy(), exponentials.numpy(), mask.numpy())
+    expected = torch.zeros_like(mask).scatter_(1, _search_draws(weights, exponentials), True)
+    assert torch.equal(mask, expected)
+
+
 def test_draw_at_the_end_of_the_cdf_keeps_the_last_position():
     """A last exponential of 0 puts the last draw exactly at the total weight; both samplers
     must map it to the last position (searchsorted alone would say one past the end)."""
