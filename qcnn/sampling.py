@@ -60,8 +60,7 @@ def sample_mask(
     exponentials = _exponentials(len(flat), n_samples(sigma, flat.shape[1]) + 1, generator, flat.device)
     mask = torch.zeros(flat.shape, dtype=dtype, device=values.device)
     if flat.device.type == "cpu":
-        with torch.profiler.record_function("qcnn::merge_draws"):  # a row of its own in profiles
-            _merge_draws(weights.detach().numpy(), exponentials.numpy(), mask.numpy())
+        _merge_draws(weights.detach().numpy(), exponentials.numpy(), mask.numpy())
     else:
         mask.scatter_(1, _search_draws(weights, exponentials), 1)
     return mask.view(values.shape)
