@@ -98,7 +98,9 @@ def _merge_draws(weights: np.ndarray, exponentials: np.ndarray, mask: np.ndarray
     so the last position takes every draw past the others (as ``searchsorted``'s clamp
     does), and a +inf after the last draw keeps the positions within the CDF: K + N − 1
     steps place all N draws. The steps are branch-free: draws land at unpredictable
-    distances, and mispredicted branches dominated the walks this merge replaces.
+    distances, and mispredicted branches dominated the walks this merge replaces. Positions
+    are also capped at K − 1: a NaN draw (from NaN weights) never lands, and without the
+    cap the walk would step past the image's row.
 
     Four images (a, b, c, d) are merged side by side, so that their chains of dependent
     loads and compares overlap. Their sums and positions are plain local variables on
@@ -109,6 +111,7 @@ def _merge_draws(weights: np.ndarray, exponentials: np.ndarray, mask: np.ndarray
     """
     rows, k = weights.shape
     n = exponentials.shape[1] - 1
+    last = k - 1
     cdfs = np.empty((4, k))
     draws = np.full((4, n + 1), np.inf)
     cdf_a, cdf_b, cdf_c, cdf_d = cdfs[0], cdfs[1], cdfs[2], cdfs[3]
@@ -132,7 +135,7 @@ def _merge_draws(weights: np.ndarray, exponentials: np.ndarray, mask: np.ndarray
             sa, sb = sa + exponentials[a, j], sb + exponentials[b, j]
             sc, sd = sc + exponentials[c, j], sd + exponentials[d, j]
             draw_a[j], draw_b[j], draw_c[j], draw_d[j] = sa * fa, sb * fb, sc * fc, sd * fd
-        pa = pb = pc = pd = 0  # positions
+        pa = pb = pc = pd = 0  # positions, never past the last: see above
         ja = jb = jc = jd = 0  # draws
         for _ in range(k + n - 1):
             xa, xb = draw_a[ja] < cdf_a[pa], draw_b[jb] < cdf_b[pb]
@@ -142,7 +145,8 @@ def _merge_draws(weights: np.ndarray, exponentials: np.ndarray, mask: np.ndarray
             mask[c, pc] = max(mask[c, pc], xc)
             mask[d, pd] = max(mask[d, pd], xd)
             ja, jb, jc, jd = ja + xa, jb + xb, jc + xc, jd + xd
-            pa, pb, pc, pd = pa + 1 - xa, pb + 1 - xb, pc + 1 - xc, pd + 1 - xd
+            pa, pb = min(pa + 1 - xa, last), min(pb + 1 - xb, last)
+            pc, pd = min(pc + 1 - xc, last), min(pd + 1 - xd, last)
 
 
 @numba.njit(cache=True)

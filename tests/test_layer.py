@@ -272,6 +272,22 @@ def test_compiled_merge_agrees_at_extreme_shapes(positions, draws):
     assert torch.equal(mask, expected)
 
 
+def test_compiled_merge_stays_in_the_row_of_an_image_with_nan_weights():
+    """NaN weights (a diverged network) make NaN draws, which land nowhere: the merge must
+    still not step past the image's K positions. The mask is a view into a wider array
+    whose extra columns hold −1, which a stray write (of max(−1, 0)) would change."""
+    weights = torch.rand(6, 50, generator=generator(23))
+    weights[2, 7] = math.nan
+    exponentials = _exponentials(6, 31, generator(24), torch.device("cpu"))
+    wide = torch.full((6, 90), -1.0)
+    wide[:, :50] = 0
+    _merge_draws(weights.numpy(), exponentials.numpy(), wide[:, :50].numpy())
+    expected = torch.zeros(6, 50).scatter_(1, _search_draws(weights, exponentials), 1)
+    rows = [0, 1, 3, 4, 5]
+    assert torch.equal(wide[rows, :50], expected[rows])
+    assert (wide[:, 50:] == -1).all()
+
+
 def test_draw_at_the_end_of_the_cdf_keeps_the_last_position():
     """A last exponential of 0 puts the last draw exactly at the total weight; both samplers
     must map it to the last position (searchsorted alone would say one past the end)."""
