@@ -259,6 +259,11 @@ def test_compiled_and_searchsorted_samplers_agree():
         assert torch.equal(mask.flatten(1), expected)
 
 
+def searchsorted_mask(weights: torch.Tensor, exponentials: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The mask of the ``torch.searchsorted`` path for these draws, shaped and typed like ``like``."""
+    return torch.zeros_like(like).scatter_(1, _search_draws(weights, exponentials), 1)
+
+
 @pytest.mark.parametrize(("positions", "draws"), [(1, 1), (1, 5), (7, 1), (3, 40), (200, 3)])
 def test_compiled_merge_agrees_at_extreme_shapes(positions, draws):
     """One position, one draw, and far more draws than positions: the merge must still
@@ -268,8 +273,7 @@ def test_compiled_merge_agrees_at_extreme_shapes(positions, draws):
     exponentials = _exponentials(6, draws + 1, generator(22), torch.device("cpu"))
     mask = torch.zeros(weights.shape, dtype=torch.bool)
     _merge_draws(weights.numpy(), exponentials.numpy(), mask.numpy())
-    expected = torch.zeros_like(mask).scatter_(1, _search_draws(weights, exponentials), True)
-    assert torch.equal(mask, expected)
+    assert torch.equal(mask, searchsorted_mask(weights, exponentials, mask))
 
 
 def test_compiled_merge_stays_in_the_row_of_an_image_with_nan_weights():
@@ -282,7 +286,7 @@ def test_compiled_merge_stays_in_the_row_of_an_image_with_nan_weights():
     wide = torch.full((6, 90), -1.0)
     wide[:, :50] = 0
     _merge_draws(weights.numpy(), exponentials.numpy(), wide[:, :50].numpy())
-    expected = torch.zeros(6, 50).scatter_(1, _search_draws(weights, exponentials), 1)
+    expected = searchsorted_mask(weights, exponentials, wide[:, :50])
     rows = [0, 1, 3, 4, 5]
     assert torch.equal(wide[rows, :50], expected[rows])
     assert (wide[:, 50:] == -1).all()
@@ -295,8 +299,7 @@ def test_draw_at_the_end_of_the_cdf_keeps_the_last_position():
     exponentials = torch.tensor([[0.5, 1.0, 0.0], [2.0, 0.25, 0.0]])
     mask = torch.zeros(weights.shape, dtype=torch.bool)
     _merge_draws(weights.numpy(), exponentials.numpy(), mask.numpy())
-    expected = torch.zeros_like(mask).scatter_(1, _search_draws(weights, exponentials), True)
-    assert torch.equal(mask, expected)
+    assert torch.equal(mask, searchsorted_mask(weights, exponentials, mask))
     assert mask[:, -1].all()
 
 
