@@ -47,13 +47,14 @@ class LayerCost:
 def layer_cost(
     scale: torch.Tensor,
     activations: torch.Tensor,
-    kept: torch.Tensor | None,
+    distinct: torch.Tensor | None,
     samples: int,
     epsilon: float,
     cap: float,
     kernel_volume: int,
 ) -> LayerCost:
-    """The cost of one forward pass from ‖A‖‖F‖ (``scale``), f(Ŷ) and the sampling mask."""
+    """The cost of one forward pass from ‖A‖‖F‖ (``scale``), f(Ŷ) before sampling and the
+    distinct positions each image kept (None without sampling)."""
     images = len(activations)
     flat = activations.reshape(images, -1).double()
     outputs = flat.shape[1]
@@ -68,14 +69,14 @@ def layer_cost(
         quantum = per_image.mean().item()
     else:
         quantum = 0.0
-    distinct = 1.0 if kept is None else kept.reshape(images, -1).double().mean(1).mean().item()
+    distinct_fraction = 1.0 if distinct is None else (distinct.double() / outputs).mean().item()
     return LayerCost(
         images=images,
         outputs=outputs,
         samples=samples,
         max_norm_product=m.mean().item(),
         mean_activation=e.mean().item(),
-        distinct_fraction=distinct,
+        distinct_fraction=distinct_fraction,
         eta=tomography_eta(outputs, samples),
         quantum_cost=quantum,
         classical_cost=float(outputs * kernel_volume),

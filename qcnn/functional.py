@@ -25,7 +25,7 @@ from qcnn.backprop import noisy_gradient
 from qcnn.cost import LayerCost, layer_cost
 from qcnn.estimation import estimate, patch_norms
 from qcnn.options import QConvOptions
-from qcnn.sampling import n_samples, sample_mask
+from qcnn.sampling import n_samples, sample_
 
 CostRecorder = Callable[[LayerCost], None]
 
@@ -72,20 +72,21 @@ class _QConv2d(torch.autograd.Function):
                 y = y + bias.view(1, -1, 1, 1)
             inner = y  # the inner clamp's input: its flat parts stop the gradient too
             f = (y.clamp(0, cap) + (y_hat - y)).clamp_(0, cap)
-        kept = None
+        activations, distinct = f, None  # the accounting reads f(Ŷ) before sampling
         if options.sigma is not None:
-            kept = sample_mask(f, options.sigma, options.sampling, generator, f.dtype)
+            f = f.contiguous()  # sampled in place, so copied first if the accounting is on
+            activations = f.clone() if record is not None else None
+            distinct = sample_(f, options.sigma, options.sampling, generator)
         if record is not None:
             outputs = f[0].numel()
-            samples = outputs if kept is None else n_samples(options.sigma, outputs)
+            samples = outputs if distinct is None else n_samples(options.sigma, outputs)
             volume = weight[0].numel()
-            record(layer_cost(scale, f, kept, samples, options.epsilon, cap, volume))
-        out = f if kept is None else f.mul_(kept)
+            record(layer_cost(scale, activations, distinct, samples, options.epsilon, cap, volume))
         # Saved as torch's ReLU saves its result: changing it in place is an autograd error.
-        ctx.save_for_backward(x, weight, out, inner)
+        ctx.save_for_backward(x, weight, f, inner)
         ctx.conv = (stride, padding, bias is not None)
         ctx.options, ctx.generator = options, generator
-        return out
+        return f
 
     @staticmethod
     def backward(ctx, grad_out):

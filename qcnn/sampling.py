@@ -32,21 +32,16 @@ def tomography_eta(outputs: int, samples: int) -> float:
     return math.sqrt(math.log(outputs) / samples) if outputs > 1 else 0.0
 
 
-def sample_mask(
-    values: torch.Tensor,
-    sigma: float,
-    sampling: str,
-    generator: torch.Generator | None,
-    dtype: torch.dtype = torch.bool,
+def sample_(
+    values: torch.Tensor, sigma: float, sampling: str, generator: torch.Generator | None
 ) -> torch.Tensor:
-    """Mask of the positions drawn at least once (1, else 0), same shape as ``values`` (B, ...).
+    """Keep ``values`` (B, ...) at the positions drawn, set the others to 0, in place.
 
-    ``dtype`` is the mask's: the layer asks for its float dtype, because on CPU multiplying
-    by a float mask is about five times faster than by a boolean one.
-
-    Per image, N_s = ⌊σK⌋ positions are drawn with replacement with probability ∝ values
-    ("linear") or ∝ values² ("quadratic"); ``values`` must be >= 0. An image whose values
-    are all 0 draws uniformly, which keeps only zeros: its output stays all zero.
+    Returns the number of distinct positions kept per image, shape (B,). ``values`` must be
+    contiguous and >= 0. Per image, N_s = ⌊σK⌋ positions are drawn with replacement with
+    probability ∝ values ("linear") or ∝ values² ("quadratic"). An image whose values are
+    all 0 draws uniformly, which keeps only zeros: its output stays all zero. Working in
+    place spares a training step a mask of the output's size and one pass to apply it.
 
     The N_s draws are made sorted: with E_1..E_{N+1} i.i.d. Exp(1) and S_j their partial
     sums, S_j / S_{N+1} (j <= N) are the order statistics of N uniforms. Each is mapped to
@@ -55,15 +50,37 @@ def sample_mask(
     faster than ``torch.multinomial`` or ``torch.searchsorted``; elsewhere
     ``torch.searchsorted`` does. Both read the same exponentials, so they agree draw for draw.
     """
+    if not values.is_contiguous():
+        raise ValueError("sample_ works in place: values must be contiguous")
+    flat = values.view(len(values), -1)
+    return _keep_drawn(flat, flat if sampling == "linear" else flat.square(), sigma, generator)
+
+
+def sample_mask(
+    values: torch.Tensor, sigma: float, sampling: str, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Boolean mask of the positions :func:`sample_` keeps (drawn at least once), same shape
+    as ``values``; the same generator state gives the same positions."""
     flat = values.reshape(len(values), -1)
-    weights = (flat if sampling == "linear" else flat.square()).contiguous()
-    exponentials = _exponentials(len(flat), n_samples(sigma, flat.shape[1]) + 1, generator, flat.device)
-    mask = torch.zeros(flat.shape, dtype=dtype, device=values.device)
-    if flat.device.type == "cpu":
-        _merge_draws(weights.detach().numpy(), exponentials.numpy(), mask.numpy())
-    else:
-        mask.scatter_(1, _search_draws(weights, exponentials), 1)
-    return mask.view(values.shape)
+    mask = torch.ones(flat.shape, dtype=values.dtype, device=values.device)
+    _keep_drawn(mask, flat if sampling == "linear" else flat.square(), sigma, generator)
+    return mask.view(values.shape).bool()
+
+
+def _keep_drawn(
+    out: torch.Tensor, weights: torch.Tensor, sigma: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Multiply ``out`` (B, K) by 1 at the positions drawn from ``weights`` (B, K), else by
+    0, in place; return the distinct positions drawn per row. ``out`` may be ``weights``."""
+    exponentials = _exponentials(len(out), n_samples(sigma, out.shape[1]) + 1, generator, out.device)
+    weights = weights.detach().contiguous()
+    if out.device.type == "cpu":
+        distinct = torch.empty(len(out), dtype=torch.int64)
+        _merge_draws(weights.numpy(), exponentials.numpy(), out.detach().numpy(), distinct.numpy())
+        return distinct
+    drawn = torch.zeros_like(out).scatter_(1, _search_draws(weights, exponentials), 1)
+    out.mul_(drawn)
+    return drawn.sum(1, dtype=torch.int64)
 
 
 def _exponentials(
@@ -88,8 +105,11 @@ def _search_draws(weights: torch.Tensor, exponentials: torch.Tensor) -> torch.Te
 
 
 @numba.njit(cache=True)
-def _merge_draws(weights: np.ndarray, exponentials: np.ndarray, mask: np.ndarray) -> None:
-    """Set mask[b, i] to 1 where a sorted draw of image b falls in position i's CDF interval.
+def _merge_draws(
+    weights: np.ndarray, exponentials: np.ndarray, out: np.ndarray, distinct: np.ndarray
+) -> None:
+    """Multiply out[b, i] by 1 where a sorted draw of image b falls in position i's CDF
+    interval, else by 0; count each image's positions drawn in distinct[b].
 
     Per image, the CDF (float64 running sums in the same order as ``_search_draws``'s
     ``cumsum``) and the sorted draws are merged like two sorted lists. Each step compares
@@ -105,7 +125,9 @@ def _merge_draws(weights: np.ndarray, exponentials: np.ndarray, mask: np.ndarray
     Four images (a, b, c, d) are merged side by side, so that their chains of dependent
     loads and compares overlap. Their sums and positions are plain local variables on
     purpose: LLVM keeps those in registers, whereas state kept in small arrays made every
-    step a round trip through memory.
+    step a round trip through memory. The walks mark the positions drawn in four scratch
+    rows, which stay in cache; ``out`` is then multiplied by them row by row (it may be
+    ``weights`` itself: each image's CDF is complete before its row changes).
     Serial on purpose: a numba thread pool is a second OpenMP runtime beside torch's, and
     its spinning threads slowed torch's convolutions and matrix products by about 1.5×.
     """
@@ -114,10 +136,12 @@ def _merge_draws(weights: np.ndarray, exponentials: np.ndarray, mask: np.ndarray
     last = k - 1
     cdfs = np.empty((4, k))
     draws = np.full((4, n + 1), np.inf)
+    hits = np.zeros((4, k), out.dtype)
     cdf_a, cdf_b, cdf_c, cdf_d = cdfs[0], cdfs[1], cdfs[2], cdfs[3]
     draw_a, draw_b, draw_c, draw_d = draws[0], draws[1], draws[2], draws[3]
+    hit_a, hit_b, hit_c, hit_d = hits[0], hits[1], hits[2], hits[3]
     for a in range(0, rows, 4):
-        # The last group repeats its last image: same draws, same mask.
+        # The last group repeats its last image: same draws, same positions.
         b, c, d = min(a + 1, rows - 1), min(a + 2, rows - 1), min(a + 3, rows - 1)
         ta = tb = tc = td = 0.0
         for i in range(k):
@@ -140,13 +164,21 @@ def _merge_draws(weights: np.ndarray, exponentials: np.ndarray, mask: np.ndarray
         for _ in range(k + n - 1):
             xa, xb = draw_a[ja] < cdf_a[pa], draw_b[jb] < cdf_b[pb]
             xc, xd = draw_c[jc] < cdf_c[pc], draw_d[jd] < cdf_d[pd]
-            mask[a, pa] = max(mask[a, pa], xa)
-            mask[b, pb] = max(mask[b, pb], xb)
-            mask[c, pc] = max(mask[c, pc], xc)
-            mask[d, pd] = max(mask[d, pd], xd)
+            hit_a[pa] = max(hit_a[pa], xa)
+            hit_b[pb] = max(hit_b[pb], xb)
+            hit_c[pc] = max(hit_c[pc], xc)
+            hit_d[pd] = max(hit_d[pd], xd)
             ja, jb, jc, jd = ja + xa, jb + xb, jc + xc, jd + xd
             pa, pb = min(pa + 1 - xa, last), min(pb + 1 - xb, last)
             pc, pd = min(pc + 1 - xc, last), min(pd + 1 - xd, last)
+        for row in range(a, min(a + 4, rows)):
+            hit = hits[row - a]
+            count = 0
+            for i in range(k):
+                out[row, i] *= hit[i]
+                count += hit[i] != 0
+            distinct[row] = count
+        hits[:] = 0
 
 
 @numba.njit(cache=True)

@@ -264,6 +264,14 @@ def searchsorted_mask(weights: torch.Tensor, exponentials: torch.Tensor, like: t
     return torch.zeros_like(like).scatter_(1, _search_draws(weights, exponentials), 1)
 
 
+def merged_mask(weights: torch.Tensor, exponentials: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mask of the compiled merge for these draws (ones multiplied by it), and its
+    count of distinct positions per row."""
+    mask, distinct = torch.ones(weights.shape), torch.empty(len(weights), dtype=torch.int64)
+    _merge_draws(weights.numpy(), exponentials.numpy(), mask.numpy(), distinct.numpy())
+    return mask, distinct
+
+
 @pytest.mark.parametrize(("positions", "draws"), [(1, 1), (1, 5), (7, 1), (3, 40), (200, 3)])
 def test_compiled_merge_agrees_at_extreme_shapes(positions, draws):
     """One position, one draw, and far more draws than positions: the merge must still
@@ -271,25 +279,25 @@ def test_compiled_merge_agrees_at_extreme_shapes(positions, draws):
     weights = (torch.rand(6, positions, generator=generator(21)) - 0.3).clamp_min(0)
     weights[2] = 0
     exponentials = _exponentials(6, draws + 1, generator(22), torch.device("cpu"))
-    mask = torch.zeros(weights.shape, dtype=torch.bool)
-    _merge_draws(weights.numpy(), exponentials.numpy(), mask.numpy())
+    mask, distinct = merged_mask(weights, exponentials)
     assert torch.equal(mask, searchsorted_mask(weights, exponentials, mask))
+    assert torch.equal(distinct, mask.sum(1, dtype=torch.int64))
 
 
-def test_compiled_merge_stays_in_the_row_of_an_image_with_nan_weights():
-    """NaN weights (a diverged network) make NaN draws, which land nowhere: the merge must
-    still not step past the image's K positions. The mask is a view into a wider array
-    whose extra columns hold −1, which a stray write (of max(−1, 0)) would change."""
+def test_compiled_merge_handles_an_image_with_nan_weights():
+    """NaN weights (a diverged network) make NaN draws, which land nowhere: that image's
+    row becomes 0 and the images merged beside it keep their draws. The output is a view
+    into a wider array, whose extra columns the merge must not touch."""
     weights = torch.rand(6, 50, generator=generator(23))
     weights[2, 7] = math.nan
     exponentials = _exponentials(6, 31, generator(24), torch.device("cpu"))
     wide = torch.full((6, 90), -1.0)
-    wide[:, :50] = 0
-    _merge_draws(weights.numpy(), exponentials.numpy(), wide[:, :50].numpy())
+    wide[:, :50] = 1
+    _merge_draws(weights.numpy(), exponentials.numpy(), wide[:, :50].numpy(), np.empty(6, np.int64))
     expected = searchsorted_mask(weights, exponentials, wide[:, :50])
     rows = [0, 1, 3, 4, 5]
     assert torch.equal(wide[rows, :50], expected[rows])
-    assert (wide[:, 50:] == -1).all()
+    assert (wide[2, :50] == 0).all() and (wide[:, 50:] == -1).all()
 
 
 def test_draw_at_the_end_of_the_cdf_keeps_the_last_position():
@@ -297,8 +305,7 @@ def test_draw_at_the_end_of_the_cdf_keeps_the_last_position():
     must map it to the last position (searchsorted alone would say one past the end)."""
     weights = torch.tensor([[1.0, 0.0, 2.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 3.0]])
     exponentials = torch.tensor([[0.5, 1.0, 0.0], [2.0, 0.25, 0.0]])
-    mask = torch.zeros(weights.shape, dtype=torch.bool)
-    _merge_draws(weights.numpy(), exponentials.numpy(), mask.numpy())
+    mask, _ = merged_mask(weights, exponentials)
     assert torch.equal(mask, searchsorted_mask(weights, exponentials, mask))
     assert mask[:, -1].all()
 
