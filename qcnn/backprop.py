@@ -86,7 +86,7 @@ def add_gradient_noise(
         raise ValueError(f"delta must be >= 0, got {delta!r}")
     for p in parameters:
         if p.grad is not None:
-            p.grad.copy_(noisy_gradient(p.grad, delta, "gaussian", generator))
+            p.grad = noisy_gradient(p.grad, delta, "gaussian", generator)
 
 
 class QuantumSGD(torch.optim.SGD):
