@@ -53,27 +53,20 @@ def sample_(
     if not values.is_contiguous():
         raise ValueError("sample_ works in place: values must be contiguous")
     flat = values.view(len(values), -1)
-    return _keep_drawn(flat, flat if sampling == "linear" else flat.square(), sigma, generator)
-
-
-def sample_mask(
-    values: torch.Tensor, sigma: float, sampling: str, generator: torch.Generator | None
-) -> torch.Tensor:
-    """Boolean mask of the positions :func:`sample_` keeps (drawn at least once), same shape
-    as ``values``; the same generator state gives the same positions."""
-    flat = values.reshape(len(values), -1)
-    mask = torch.ones(flat.shape, dtype=values.dtype, device=values.device)
-    _keep_drawn(mask, flat if sampling == "linear" else flat.square(), sigma, generator)
-    return mask.view(values.shape).bool()
+    return _keep_drawn(flat, flat, sigma, sampling, generator)
 
 
 def _keep_drawn(
-    out: torch.Tensor, weights: torch.Tensor, sigma: float, generator: torch.Generator | None
+    out: torch.Tensor,
+    values: torch.Tensor,
+    sigma: float,
+    sampling: str,
+    generator: torch.Generator | None,
 ) -> torch.Tensor:
-    """Multiply ``out`` (B, K) by 1 at the positions drawn from ``weights`` (B, K), else by
-    0, in place; return the distinct positions drawn per row. ``out`` may be ``weights``."""
+    """Multiply ``out`` (B, K) by 1 at the positions drawn from ``values`` (B, K), else by
+    0, in place; return the distinct positions drawn per row. ``out`` may be ``values``."""
+    weights = (values if sampling == "linear" else values.square()).detach().contiguous()
     exponentials = _exponentials(len(out), n_samples(sigma, out.shape[1]) + 1, generator, out.device)
-    weights = weights.detach().contiguous()
     if out.device.type == "cpu":
         distinct = torch.empty(len(out), dtype=torch.int64)
         _merge_draws(weights.numpy(), exponentials.numpy(), out.detach().numpy(), distinct.numpy())

@@ -15,7 +15,7 @@ from qcnn import QConv2d, QuantumSGD, functional
 from qcnn.backprop import noisy_gradient, tomography_estimate, tomography_samples
 from qcnn.estimation import ae_outcome_probabilities, estimate, patch_norms, sample_ae_outcomes
 from qcnn.options import QConvOptions
-from qcnn.sampling import _exponentials, _merge_draws, _search_draws, sample_mask
+from qcnn.sampling import _exponentials, _keep_drawn, _merge_draws, _search_draws, sample_
 from tests.stats import ALPHA, assert_matches_distribution, assert_standard_normal
 
 EXACT = {"epsilon": 0.0, "sigma": None, "cap": math.inf, "delta": 0.0}
@@ -195,18 +195,20 @@ def test_cap_orders():
 def test_sampled_positions_follow_values(mode):
     """One draw per image (σ = 1/K): the kept position is distributed ∝ f (or f²)."""
     f = torch.tensor([0.0, 1.0, 2.0, 3.0, 0.5, 4.0, 0.0, 1.5, 2.5, 0.25, 3.5, 1.0])
-    values = f.repeat(40000, 1)
-    mask = sample_mask(values, 1 / len(f), mode, generator(8))
-    assert (mask.sum(1) == 1).all()
+    out = f.repeat(40000, 1)
+    distinct = sample_(out, 1 / len(f), mode, generator(8))
+    kept = out != 0  # a position of value 0 is never drawn
+    assert (distinct == 1).all() and (kept.sum(1) == 1).all()
     weights = f if mode == "linear" else f**2
-    assert_matches_distribution(mask.sum(0).numpy(), (weights / weights.sum()).numpy())
+    assert_matches_distribution(kept.sum(0).numpy(), (weights / weights.sum()).numpy())
 
 
 def test_exactly_floor_sigma_k_draws_with_replacement():
     """K = 10 equal values, σ = 0.55 → 5 draws: distinct count follows the occupancy law."""
     k, draws = 10, 5
-    mask = sample_mask(torch.ones(50000, k), 0.55, "linear", generator(9))
-    distinct = mask.sum(1).numpy()
+    out = torch.ones(50000, k)
+    distinct = sample_(out, 0.55, "linear", generator(9)).numpy()
+    assert (out.sum(1).numpy() == distinct).all()
     d = np.arange(1, draws + 1)
     # P(d distinct) = S(n, d) · k!/(k−d)! / k^n, S = Stirling numbers of the second kind
     stirling = np.array([sum((-1) ** i * special.comb(j, i) * (j - i) ** draws for i in range(j + 1))
@@ -233,7 +235,8 @@ def test_unsampled_pixels_are_zero_and_sampled_keep_their_value():
 def test_all_zero_image_gives_zeros():
     values = torch.zeros(3, 4, 5, 5)
     values[1] = torch.rand(4, 5, 5, generator=generator())
-    out = values * sample_mask(values, 0.5, "linear", generator(12))
+    out = values.clone()
+    sample_(out, 0.5, "linear", generator(12))
     assert out[0].abs().sum() == 0 and out[2].abs().sum() == 0 and out[1].abs().sum() > 0
 
 
@@ -250,13 +253,13 @@ def test_compiled_and_searchsorted_samplers_agree():
     values[30].view(-1)[:-1] = 0
     values[32].view(-1)[1:] = 0
     for mode in ("linear", "quadratic"):
-        mask = sample_mask(values, 0.4, mode, generator(13))
+        mask = torch.ones(33, 243)
+        _keep_drawn(mask, values.flatten(1), 0.4, mode, generator(13))
         n = math.floor(0.4 * 243)
         exponentials = _exponentials(33, n + 1, generator(13), torch.device("cpu"))
         flat = values.flatten(1)
         positions = _search_draws(flat if mode == "linear" else flat**2, exponentials)
-        expected = torch.zeros(33, 243, dtype=torch.bool).scatter_(1, positions, True)
-        assert torch.equal(mask.flatten(1), expected)
+        assert torch.equal(mask, torch.zeros(33, 243).scatter_(1, positions, 1))
 
 
 def searchsorted_mask(weights: torch.Tensor, exponentials: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
