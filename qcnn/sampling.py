@@ -111,67 +111,69 @@ def _merge_draws(
     so the last position takes every draw past the others (as ``searchsorted``'s clamp
     does), and a +inf after the last draw keeps the positions within the CDF: K + N − 1
     steps place all N draws. The steps are branch-free: draws land at unpredictable
-    distances, and mispredicted branches dominated the walks this merge replaces. Positions
-    are also capped at K − 1: a NaN draw (from NaN weights) never lands, and without the
-    cap the walk would step past the image's row.
+    distances, and mispredicted branches dominated the walks this merge replaces. A NaN
+    draw (from NaN weights) never lands, so its walk runs on past position K − 1: the
+    scratch rows go on for N more positions of +inf, which it marks nowhere.
 
-    Four images (a, b, c, d) are merged side by side, so that their chains of dependent
-    loads and compares overlap. Their sums and positions are plain local variables on
-    purpose: LLVM keeps those in registers, whereas state kept in small arrays made every
-    step a round trip through memory. The walks mark the positions drawn in four scratch
-    rows, which stay in cache; ``out`` is then multiplied by them row by row (it may be
-    ``weights`` itself: each image's CDF is complete before its row changes).
+    Four images are merged side by side, so that their chains of dependent loads and
+    compares overlap. Their CDFs, draws and marks are interleaved in (positions, 4) scratch
+    arrays, each walked through one flat view by indices that step by 4. That leaves few
+    enough live values for LLVM to keep the whole walk in registers, and unsigned indices
+    spare each access numba's check for negative ones. The scratch rows stay in cache;
+    ``out`` is multiplied by the marks once the four walks end (it may be ``weights``
+    itself: each image's CDF is complete before its row changes).
     Serial on purpose: a numba thread pool is a second OpenMP runtime beside torch's, and
     its spinning threads slowed torch's convolutions and matrix products by about 1.5×.
     """
     rows, k = weights.shape
     n = exponentials.shape[1] - 1
-    last = k - 1
-    cdfs = np.empty((4, k))
-    draws = np.full((4, n + 1), np.inf)
-    hits = np.zeros((4, k), out.dtype)
-    cdf_a, cdf_b, cdf_c, cdf_d = cdfs[0], cdfs[1], cdfs[2], cdfs[3]
-    draw_a, draw_b, draw_c, draw_d = draws[0], draws[1], draws[2], draws[3]
-    hit_a, hit_b, hit_c, hit_d = hits[0], hits[1], hits[2], hits[3]
+    cdfs = np.full((k + n, 4), np.inf)
+    draws = np.full((n + 1, 4), np.inf)
+    hits = np.zeros((k + n, 4), np.uint8)
+    cdf, draw, hit = cdfs.ravel(), draws.ravel(), hits.ravel()
+    step = np.uint64(4)  # from one position (or draw) of an image to its next
     for a in range(0, rows, 4):
         # The last group repeats its last image: same draws, same positions.
         b, c, d = min(a + 1, rows - 1), min(a + 2, rows - 1), min(a + 3, rows - 1)
         ta = tb = tc = td = 0.0
         for i in range(k):
             ta, tb, tc, td = ta + weights[a, i], tb + weights[b, i], tc + weights[c, i], td + weights[d, i]
-            cdf_a[i], cdf_b[i], cdf_c[i], cdf_d[i] = ta, tb, tc, td
-        sa = sb = sc = sd = 0.0
-        for j in range(n + 1):
-            sa, sb = sa + exponentials[a, j], sb + exponentials[b, j]
-            sc, sd = sc + exponentials[c, j], sd + exponentials[d, j]
-        # Draw j of an image is (E_1 + ... + E_j) · total weight / (E_1 + ... + E_{N+1}).
-        fa, fb = _close_cdf(cdf_a, ta) / sa, _close_cdf(cdf_b, tb) / sb
-        fc, fd = _close_cdf(cdf_c, tc) / sc, _close_cdf(cdf_d, td) / sd
+            cdfs[i, 0], cdfs[i, 1], cdfs[i, 2], cdfs[i, 3] = ta, tb, tc, td
         sa = sb = sc = sd = 0.0
         for j in range(n):
             sa, sb = sa + exponentials[a, j], sb + exponentials[b, j]
             sc, sd = sc + exponentials[c, j], sd + exponentials[d, j]
-            draw_a[j], draw_b[j], draw_c[j], draw_d[j] = sa * fa, sb * fb, sc * fc, sd * fd
-        pa = pb = pc = pd = 0  # positions, never past the last: see above
-        ja = jb = jc = jd = 0  # draws
+            draws[j, 0], draws[j, 1], draws[j, 2], draws[j, 3] = sa, sb, sc, sd
+        sa, sb = sa + exponentials[a, n], sb + exponentials[b, n]
+        sc, sd = sc + exponentials[c, n], sd + exponentials[d, n]
+        # Draw j of an image is (E_1 + ... + E_j) · total weight / (E_1 + ... + E_{N+1}).
+        fa, fb = _close_cdf(cdfs[:k, 0], ta) / sa, _close_cdf(cdfs[:k, 1], tb) / sb
+        fc, fd = _close_cdf(cdfs[:k, 2], tc) / sc, _close_cdf(cdfs[:k, 3], td) / sd
+        for j in range(n):
+            draws[j, 0], draws[j, 1] = draws[j, 0] * fa, draws[j, 1] * fb
+            draws[j, 2], draws[j, 3] = draws[j, 2] * fc, draws[j, 3] * fd
+        pa, pb, pc, pd = np.uint64(0), np.uint64(1), np.uint64(2), np.uint64(3)  # positions
+        ja, jb, jc, jd = np.uint64(0), np.uint64(1), np.uint64(2), np.uint64(3)  # draws
         for _ in range(k + n - 1):
-            xa, xb = draw_a[ja] < cdf_a[pa], draw_b[jb] < cdf_b[pb]
-            xc, xd = draw_c[jc] < cdf_c[pc], draw_d[jd] < cdf_d[pd]
-            hit_a[pa] = max(hit_a[pa], xa)
-            hit_b[pb] = max(hit_b[pb], xb)
-            hit_c[pc] = max(hit_c[pc], xc)
-            hit_d[pd] = max(hit_d[pd], xd)
-            ja, jb, jc, jd = ja + xa, jb + xb, jc + xc, jd + xd
-            pa, pb = min(pa + 1 - xa, last), min(pb + 1 - xb, last)
-            pc, pd = min(pc + 1 - xc, last), min(pd + 1 - xd, last)
-        for row in range(a, min(a + 4, rows)):
-            hit = hits[row - a]
-            count = 0
-            for i in range(k):
-                out[row, i] *= hit[i]
-                count += hit[i] != 0
-            distinct[row] = count
-        hits[:] = 0
+            xa, xb = np.uint64(draw[ja] < cdf[pa]), np.uint64(draw[jb] < cdf[pb])
+            xc, xd = np.uint64(draw[jc] < cdf[pc]), np.uint64(draw[jd] < cdf[pd])
+            hit[pa] |= xa
+            hit[pb] |= xb
+            hit[pc] |= xc
+            hit[pd] |= xd
+            ja, jb, jc, jd = ja + step * xa, jb + step * xb, jc + step * xc, jd + step * xd
+            pa, pb = pa + step - step * xa, pb + step - step * xb
+            pc, pd = pc + step - step * xc, pd + step - step * xd
+        count_a = count_b = count_c = count_d = 0
+        for i in range(k):
+            ha, hb, hc, hd = hits[i, 0], hits[i, 1], hits[i, 2], hits[i, 3]
+            out[a, i] *= ha
+            out[b, i] *= hb
+            out[c, i] *= hc
+            out[d, i] *= hd
+            count_a, count_b, count_c, count_d = count_a + ha, count_b + hb, count_c + hc, count_d + hd
+        distinct[a], distinct[b], distinct[c], distinct[d] = count_a, count_b, count_c, count_d
+        hits[:k] = 0
 
 
 @numba.njit(cache=True)
