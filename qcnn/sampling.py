@@ -113,13 +113,13 @@ def _merge_draws(
     steps place all N draws. The steps are branch-free: draws land at unpredictable
     distances, and mispredicted branches dominated the walks this merge replaces. A NaN
     draw (from NaN weights) never lands, so its walk runs on past position K − 1: the
-    scratch rows go on for N more positions of +inf, which it marks nowhere.
+    scratch arrays go on for N more positions of +inf, which it marks nowhere.
 
     Four images are merged side by side, so that their chains of dependent loads and
     compares overlap. Their CDFs, draws and marks are interleaved in (positions, 4) scratch
     arrays, each walked through one flat view by indices that step by 4. That leaves few
     enough live values for LLVM to keep the whole walk in registers, and unsigned indices
-    spare each access numba's check for negative ones. The scratch rows stay in cache;
+    spare each access numba's check for negative ones. The scratch arrays stay in cache;
     ``out`` is multiplied by the marks once the four walks end (it may be ``weights``
     itself: each image's CDF is complete before its row changes).
     Serial on purpose: a numba thread pool is a second OpenMP runtime beside torch's, and
