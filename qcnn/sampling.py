@@ -117,9 +117,9 @@ def _merge_draws(
 
     Four images are merged side by side, so that their chains of dependent loads and
     compares overlap. Their CDFs, draws and marks are interleaved in (positions, 4) scratch
-    arrays, each walked through one flat view by indices that step by 4. That leaves few
-    enough live values for LLVM to keep the whole walk in registers, and unsigned indices
-    spare each access numba's check for negative ones. The scratch arrays stay in cache;
+    arrays, each walked through one flat view by indices that step by 4: three base
+    pointers instead of twelve, so the walk spills few values to the stack, and unsigned
+    indices spare each access numba's check for negative ones. The scratch arrays stay in cache;
     ``out`` is multiplied by the marks once the four walks end (it may be ``weights``
     itself: each image's CDF is complete before its row changes).
     Serial on purpose: a numba thread pool is a second OpenMP runtime beside torch's, and
