@@ -119,9 +119,9 @@ def _merge_draws(
     compares overlap. Their CDFs, draws and marks are interleaved in (positions, 4) scratch
     arrays, each walked through one flat view by indices that step by 4: three base
     pointers instead of twelve, so the walk spills few values to the stack, and unsigned
-    indices spare each access numba's check for negative ones. The scratch arrays stay in cache;
-    ``out`` is multiplied by the marks once the four walks end (it may be ``weights``
-    itself: each image's CDF is complete before its row changes).
+    indices spare each access numba's check for negative ones. The scratch arrays stay in
+    cache; ``out`` is multiplied by the marks once the four walks end (it may be
+    ``weights`` itself: each image's CDF is complete before its row changes).
     Serial on purpose: a numba thread pool is a second OpenMP runtime beside torch's, and
     its spinning threads slowed torch's convolutions and matrix products by about 1.5×.
     """
