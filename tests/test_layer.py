@@ -252,12 +252,12 @@ def test_compiled_and_searchsorted_samplers_agree():
     values[9, 1:] = 0
     values[30].view(-1)[:-1] = 0
     values[32].view(-1)[1:] = 0
+    flat = values.flatten(1)
     for mode in ("linear", "quadratic"):
         mask = torch.ones(33, 243)
-        _keep_drawn(mask, values.flatten(1), 0.4, mode, generator(13))
+        _keep_drawn(mask, flat, 0.4, mode, generator(13))
         n = math.floor(0.4 * 243)
         exponentials = _exponentials(33, n + 1, generator(13), torch.device("cpu"))
-        flat = values.flatten(1)
         weights = flat if mode == "linear" else flat**2
         assert torch.equal(mask, searchsorted_mask(weights, exponentials, mask))
 
