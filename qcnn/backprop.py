@@ -22,6 +22,8 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
+from qcnn import rng
+
 
 def noisy_gradient(
     gradient: torch.Tensor,
@@ -36,7 +38,7 @@ def noisy_gradient(
     flat = gradient.reshape(rows, -1)
     if model == "gaussian":
         norms = torch.linalg.vector_norm(flat, dim=1, keepdim=True)
-        noise = torch.randn(flat.shape, generator=generator, device=flat.device, dtype=flat.dtype)
+        noise = rng.randn(flat.shape, generator, flat.device, flat.dtype)
         return torch.addcmul(flat, norms, noise, value=delta, out=noise).view_as(gradient)
     if model == "tomography":
         return tomography_estimate(flat, delta, generator).view_as(gradient)

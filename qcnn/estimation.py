@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from qcnn import rng
 from qcnn.options import QConvOptions
 
 # Rows of outcome probabilities handled at once by the amplitude-estimation sampler,
@@ -69,7 +70,7 @@ def estimate(
     if options.estimator == "exact" or (options.estimator == "gaussian" and options.epsilon == 0):
         return y
     if options.estimator == "gaussian":
-        noise = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
+        noise = rng.randn(y.shape, generator, y.device, y.dtype)
         return torch.addcmul(y, scale, noise, value=2 * options.epsilon, out=noise)
     probability = hadamard_probability(y, scale)
     if options.estimator == "shots":
