@@ -56,9 +56,7 @@ def rand(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """``torch.rand(shape, generator=generator, device=device, dtype=dtype)``."""
-    if _fast(shape, generator, device, dtype):
-        return _uniform_float32(shape, _generator(generator))
-    return torch.rand(shape, generator=generator, device=device, dtype=dtype)
+    return _draw(_uniform_float32, torch.rand, shape, generator, device, dtype)
 
 
 def randn(
@@ -68,15 +66,16 @@ def randn(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """``torch.randn(shape, generator=generator, device=device, dtype=dtype)``."""
-    if _fast(shape, generator, device, dtype):
-        return _normal_float32(shape, _generator(generator))
-    return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    return _draw(_normal_float32, torch.randn, shape, generator, device, dtype)
 
 
-def _fast(shape, generator, device: torch.device, dtype: torch.dtype) -> bool:
-    # math.prod, not np.prod: numpy takes 10-100 µs to read a torch.Size inside a training step
+def _draw(copy, original, shape, generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The copy's numbers where it applies (float32 on CPU, large enough, verified), else torch's."""
     on_cpu = device.type == "cpu" and _generator(generator).device.type == "cpu"
-    return on_cpu and dtype == torch.float32 and math.prod(shape) >= SMALLEST and _reproduces_torch()
+    # math.prod, not np.prod: numpy takes 10-100 µs to read a torch.Size inside a training step
+    if on_cpu and dtype == torch.float32 and math.prod(shape) >= SMALLEST and _reproduces_torch():
+        return copy(shape, _generator(generator))
+    return original(shape, generator=generator, device=device, dtype=dtype)
 
 
 def _generator(generator: torch.Generator | None) -> torch.Generator:
