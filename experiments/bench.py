@@ -2,9 +2,11 @@
 
 For each device and batch size: one training step (forward, backward, optimiser) of the
 authors' network as CNN, as QCNN in theory mode and as QCNN in authors mode, and the two
-conv blocks alone (forward + backward). Variants are timed in interleaved rounds so that
-machine noise hits them alike; the median step time of each is reported with its ratio to
-the classical one. This is a benchmark, not a test: nothing here asserts a speed.
+conv blocks alone (forward + backward). On CUDA, the theory-mode QCNN also runs on torch
+operations instead of the fused kernels of ``qcnn.fused`` ("qcnn-theory-unfused"), to show
+what they save. Variants are timed in interleaved rounds so that machine noise hits them
+alike; the median step time of each is reported with its ratio to the classical one. This is
+a benchmark, not a test: nothing here asserts a speed.
 """
 
 from __future__ import annotations
@@ -18,13 +20,27 @@ import torch
 from torch.nn import functional as F
 
 from experiments.config import RunConfig
-from experiments.models import build_model, build_optimiser
+from experiments.models import build_model, build_optimiser, qconv_layers
 
+# Each variant: the run's configuration, and layer options set on its QConv2d layers.
 VARIANTS = {
-    "cnn": RunConfig(model="cnn"),
-    "qcnn-theory": RunConfig(model="qcnn", mode="theory"),
-    "qcnn-authors": RunConfig(model="qcnn", mode="authors"),
+    "cnn": (RunConfig(model="cnn"), {}),
+    "qcnn-theory": (RunConfig(model="qcnn", mode="theory"), {}),
+    "qcnn-authors": (RunConfig(model="qcnn", mode="authors"), {}),
 }
+CUDA_VARIANTS = {"qcnn-theory-unfused": (RunConfig(model="qcnn", mode="theory"), {"fused": False})}
+
+
+def variants(device: torch.device) -> dict[str, tuple[RunConfig, dict]]:
+    return VARIANTS | CUDA_VARIANTS if device.type == "cuda" else VARIANTS
+
+
+def _model(config: RunConfig, layer_options: dict, device: torch.device, generator: torch.Generator):
+    """The variant's network, with its layer options set on every QConv2d."""
+    model = build_model(config, device, generator)
+    for layer in qconv_layers(model).values():
+        layer.configure(**layer_options)
+    return model
 
 
 def _sync(device: torch.device) -> None:
@@ -32,9 +48,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _training_step(config: RunConfig, device: torch.device, batch: int) -> Callable[[], None]:
+def _training_step(
+    config: RunConfig, layer_options: dict, device: torch.device, batch: int
+) -> Callable[[], None]:
     generator = torch.Generator(device).manual_seed(config.seed)
-    model = build_model(config, device, generator)
+    model = _model(config, layer_options, device, generator)
     optimiser = build_optimiser(config, model, generator)
     images = torch.randn(batch, 1, 28, 28, device=device, generator=generator)
     labels = torch.randint(0, 10, (batch,), device=device, generator=generator)
@@ -47,9 +65,11 @@ def _training_step(config: RunConfig, device: torch.device, batch: int) -> Calla
     return step
 
 
-def _conv_blocks(config: RunConfig, device: torch.device, batch: int) -> Callable[[], None]:
+def _conv_blocks(
+    config: RunConfig, layer_options: dict, device: torch.device, batch: int
+) -> Callable[[], None]:
     generator = torch.Generator(device).manual_seed(config.seed)
-    model = build_model(config, device, generator)
+    model = _model(config, layer_options, device, generator)
     images = torch.randn(batch, 1, 28, 28, device=device, generator=generator)
 
     def step() -> None:
@@ -90,8 +110,8 @@ def profile_steps(devices: list[torch.device], batch: int, steps: int = 10) -> N
     for device in devices:
         cuda = device.type == "cuda"
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        for name, config in VARIANTS.items():
-            step = _training_step(config, device, batch)
+        for name, (config, layer_options) in variants(device).items():
+            step = _training_step(config, layer_options, device, batch)
             for _ in range(3):  # warm-up, as in time_interleaved
                 step()
             _sync(device)
@@ -112,7 +132,13 @@ def profile_steps(devices: list[torch.device], batch: int, steps: int = 10) -> N
 
 def machine_description(device: torch.device) -> str:
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+        try:
+            import triton  # the fused kernels run only with it
+
+            kernels = f"Triton {triton.__version__}"
+        except ImportError:
+            kernels = "no Triton: the QCNN layers run torch operations"
+        return f"{torch.cuda.get_device_name(device)}, {kernels}"
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
@@ -124,10 +150,10 @@ def run_bench(
     print(f"torch {torch.__version__}; rounds={rounds}, steps per round={repeat}")
     for device in devices:
         print(f"\n== {device}: {machine_description(device)}")
-        print(f"{'batch':>5}  {'timed':<14} {'variant':<13} {'ms':>8}  {'ratio to cnn':>12}")
+        print(f"{'batch':>5}  {'timed':<14} {'variant':<19} {'ms':>8}  {'ratio to cnn':>12}")
         for batch in batch_sizes:
             for what, make in (("training step", _training_step), ("conv blocks", _conv_blocks)):
-                steps = {name: make(cfg, device, batch) for name, cfg in VARIANTS.items()}
+                steps = {name: make(*variant, device, batch) for name, variant in variants(device).items()}
                 medians = time_interleaved(steps, device, rounds, repeat)
                 for name, seconds in medians.items():
                     ratio = seconds / medians["cnn"]
@@ -136,5 +162,5 @@ def run_bench(
                          "batch": batch, "timed": what, "variant": name,
                          "ms": seconds * 1e3, "ratio": ratio}
                     )  # fmt: skip
-                    print(f"{batch:>5}  {what:<14} {name:<13} {seconds * 1e3:>8.2f}  {ratio:>12.2f}")
+                    print(f"{batch:>5}  {what:<14} {name:<19} {seconds * 1e3:>8.2f}  {ratio:>12.2f}")
     return rows

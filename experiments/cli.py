@@ -109,7 +109,11 @@ def cmd_compare(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from experiments.bench import profile_steps, run_bench
 
-    devices = [torch.device("cpu")]
+    if args.cpu_only and args.cuda_only:
+        raise SystemExit("bench: --cpu-only and --cuda-only exclude each other")
+    if args.cuda_only and not torch.cuda.is_available():
+        raise SystemExit("bench --cuda-only: no CUDA device is available")
+    devices = [] if args.cuda_only else [torch.device("cpu")]
     if torch.cuda.is_available() and not args.cpu_only:
         devices.append(torch.device("cuda"))
     if args.profile:
@@ -188,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds")
     bench.add_argument("--repeat", type=int, default=5, help="steps per round")
     bench.add_argument("--cpu-only", action="store_true", help="skip CUDA even when present")
+    bench.add_argument("--cuda-only", action="store_true", help="skip the CPU")
     bench.add_argument("--profile", action="store_true",
                        help="instead of timing, profile 10 steps of each variant at the first batch size")
     bench.set_defaults(func=cmd_bench)

@@ -10,10 +10,16 @@ Forward, per image and vectorised over the batch:
 Backward (section 3): G = ∂L/∂out gated by the sampling mask and the cap (the estimation
 noise is a constant of the forward pass), then ∂L/∂F = AᵀG and ∂L/∂X = col2im(G Fᵀ)
 computed exactly by ``convolution_backward``, then read out through the δ error model.
+
+On CUDA, the steps between the convolution and the output, and the δ noise, run as fused
+Triton kernels (:mod:`qcnn.fused`) where they apply: a training step there is bound by the
+number of operations launched, not by their size.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 from collections.abc import Callable
 
@@ -28,6 +34,7 @@ from qcnn.options import QConvOptions
 from qcnn.sampling import n_samples, sample_
 
 CostRecorder = Callable[[LayerCost], None]
+log = logging.getLogger(__name__)
 
 
 def check_input(x: torch.Tensor, weight: torch.Tensor, generator: torch.Generator | None) -> None:
@@ -50,49 +57,93 @@ def check_input(x: torch.Tensor, weight: torch.Tensor, generator: torch.Generato
         )
 
 
+# Device types whose float32 forward runs the fused Triton kernels. The tests add "cpu",
+# where Triton's interpreter runs them.
+FUSED_DEVICE_TYPES = ("cuda",)
+
+
+def _fused_kernels(
+    x: torch.Tensor, weight: torch.Tensor, options: QConvOptions, record: CostRecorder | None
+):
+    """:mod:`qcnn.fused` where it applies to this forward pass (see ``QConvOptions.fused``), else None."""
+    applies = (
+        options.fused
+        and x.device.type in FUSED_DEVICE_TYPES
+        and x.dtype == weight.dtype == torch.float32
+        and options.estimator in ("exact", "gaussian")
+        and record is None
+    )
+    return _import_fused() if applies else None
+
+
+@functools.cache
+def _import_fused():
+    try:
+        from qcnn import fused  # imports Triton
+    except ImportError as error:
+        log.warning(
+            "the fused QCNN kernels are unavailable (%s): on CUDA the layer runs torch "
+            "operations instead, several times slower per training step", error
+        )
+        return None
+    return fused
+
+
+def _estimate_cap_sample(x, y, weight, bias, stride, padding, options, generator, record):
+    """Sections 2.1 to 2.3 in torch operations: (f sampled, the inner clamp's input or None)."""
+    kernel_norms = torch.linalg.vector_norm(weight.flatten(1), dim=1).view(1, -1, 1, 1)
+    norms = patch_norms(x, weight.shape[2:], stride, padding, options.norms == "authors")
+    scale = norms * kernel_norms
+    y_hat = estimate(y, scale, options, generator)
+    if bias is not None:
+        y_hat = y_hat + bias.view(1, -1, 1, 1)
+    # In-place steps below write only tensors made in this pass (y_hat may be y itself,
+    # which the theory order no longer needs): fewer large temporaries, fewer page faults.
+    cap = options.cap
+    if options.cap_order == "theory":
+        f, inner = y_hat.clamp_(0, cap), None
+    else:  # the authors' clamp(clamp(Y) + noise)
+        if bias is not None:
+            y = y + bias.view(1, -1, 1, 1)
+        inner = y  # the inner clamp's input: its flat parts stop the gradient too
+        f = (y.clamp(0, cap) + (y_hat - y)).clamp_(0, cap)
+    activations, distinct = f, None  # the accounting reads f(Ŷ) before sampling
+    if options.sigma is not None:
+        f = f.contiguous()  # sampled in place, so copied first if the accounting is on
+        activations = f.clone() if record is not None else None
+        distinct = sample_(f, options.sigma, options.sampling, generator)
+    if record is not None:
+        outputs = f[0].numel()
+        samples = outputs if distinct is None else n_samples(options.sigma, outputs)
+        volume = weight[0].numel()
+        record(layer_cost(scale, activations, distinct, samples, options.epsilon, cap, volume))
+    return f, inner
+
+
 class _QConv2d(torch.autograd.Function):
     """Estimation, cap and sampling forward; exact gated backward plus the δ model."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, options, generator, record):
         y = F.conv2d(x, weight, None, stride, padding)
-        kernel_norms = torch.linalg.vector_norm(weight.flatten(1), dim=1).view(1, -1, 1, 1)
-        norms = patch_norms(x, weight.shape[2:], stride, padding, options.norms == "authors")
-        scale = norms * kernel_norms
-        y_hat = estimate(y, scale, options, generator)
-        if bias is not None:
-            y_hat = y_hat + bias.view(1, -1, 1, 1)
-        # In-place steps below write only tensors made in this pass (y_hat may be y itself,
-        # which the theory order no longer needs): fewer large temporaries, fewer page faults.
-        cap = options.cap
-        if options.cap_order == "theory":
-            f, inner = y_hat.clamp_(0, cap), None
-        else:  # the authors' clamp(clamp(Y) + noise)
-            if bias is not None:
-                y = y + bias.view(1, -1, 1, 1)
-            inner = y  # the inner clamp's input: its flat parts stop the gradient too
-            f = (y.clamp(0, cap) + (y_hat - y)).clamp_(0, cap)
-        activations, distinct = f, None  # the accounting reads f(Ŷ) before sampling
-        if options.sigma is not None:
-            f = f.contiguous()  # sampled in place, so copied first if the accounting is on
-            activations = f.clone() if record is not None else None
-            distinct = sample_(f, options.sigma, options.sampling, generator)
-        if record is not None:
-            outputs = f[0].numel()
-            samples = outputs if distinct is None else n_samples(options.sigma, outputs)
-            volume = weight[0].numel()
-            record(layer_cost(scale, activations, distinct, samples, options.epsilon, cap, volume))
+        kernels = _fused_kernels(x, weight, options, record)
+        if kernels is None:
+            seeds = None
+            f, inner = _estimate_cap_sample(x, y, weight, bias, stride, padding, options, generator, record)
+        else:  # the backward's δ noise takes its seeds from the same draw
+            seeds = kernels.draw_seeds(generator, x.device)
+            f, inner = kernels.estimate_cap_sample(x, y, weight, bias, stride, padding, options, seeds)
         # Saved as torch's ReLU saves its result: changing it in place is an autograd error.
         ctx.save_for_backward(x, weight, f, inner)
         ctx.conv = (stride, padding, bias is not None)
-        ctx.options, ctx.generator = options, generator
+        ctx.options, ctx.generator, ctx.seeds = options, generator, seeds
         return f
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, out, inner = ctx.saved_tensors
         stride, padding, has_bias = ctx.conv
-        options, generator = ctx.options, ctx.generator
+        options = ctx.options
         # The gradient passes where 0 < out < C: sampled (else out = 0), not cut by the ReLU
         # and not capped. hardtanh's backward is exactly that gate, in one pass.
         grad_y = torch.ops.aten.hardtanh_backward(grad_out, out, 0.0, options.cap)
@@ -104,11 +155,20 @@ class _QConv2d(torch.autograd.Function):
             stride, padding, (1, 1), False, (0, 0), 1, (need_x, need_w, need_b and has_bias),
         )  # fmt: skip
         if need_w:
-            grad_w = noisy_gradient(grad_w, options.delta, options.backprop, generator)
-        if need_x:
-            rows = len(x)  # each image's ∂L/∂X is read out by its own tomography
-            grad_x = noisy_gradient(grad_x, options.delta, options.backprop, generator, rows)
+            grad_w = _read_out(grad_w, ctx, "weight")
+        if need_x:  # each image's ∂L/∂X is read out by its own tomography
+            grad_x = _read_out(grad_x, ctx, "input", rows=len(x))
         return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+def _read_out(gradient: torch.Tensor, ctx, which: str, rows: int = 1) -> torch.Tensor:
+    """``gradient`` through the δ model: by a fused kernel if the forward pass used them."""
+    options = ctx.options
+    if ctx.seeds is not None and options.backprop == "gaussian" and options.delta > 0:
+        fused = _import_fused()
+        seed = fused.WEIGHT_GRADIENT_SEED if which == "weight" else fused.INPUT_GRADIENT_SEED
+        return fused.gaussian_noise(gradient, options.delta, ctx.seeds, seed, rows)
+    return noisy_gradient(gradient, options.delta, options.backprop, ctx.generator, rows)
 
 
 def qconv2d_with_options(
@@ -162,4 +222,3 @@ def qconv2d(
     """
     validated = QConvOptions(epsilon=epsilon, cap=cap, sigma=sigma, delta=delta, **options)
     return qconv2d_with_options(input, weight, bias, stride, padding, validated, generator, record)
-

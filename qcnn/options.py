@@ -44,6 +44,11 @@ class QConvOptions:
     backend: "torch" emulates; "pennylane" or "qiskit-aer" run every inner product and the
         sampling as circuits (forward only, estimator "shots" or "amplitude-estimation",
         exact norms), on ``backend_device`` "auto", "cpu" or "gpu".
+    fused: on CUDA, with Triton installed (torch's CUDA builds bring it), run the norms,
+        estimation, cap and sampling, and the Gaussian δ noise, as fused Triton kernels
+        (:mod:`qcnn.fused`) for float32 input with the "gaussian" or "exact" estimator and
+        no cost tracking. False uses torch operations there too: the same distributions,
+        other random numbers.
     """
 
     epsilon: float = 0.01
@@ -61,6 +66,7 @@ class QConvOptions:
     backprop: str = "gaussian"
     backend: str = "torch"
     backend_device: str = "auto"
+    fused: bool = True
 
     def __post_init__(self) -> None:
         if not (isinstance(self.epsilon, int | float) and 0 <= self.epsilon < math.inf):
@@ -81,6 +87,8 @@ class QConvOptions:
         _choice("backprop", self.backprop, BACKPROPS)
         _choice("backend", self.backend, BACKENDS)
         _choice("backend_device", self.backend_device, BACKEND_DEVICES)
+        if not isinstance(self.fused, bool):
+            raise ValueError(f"fused must be True or False, got {self.fused!r}")
         if self.backend != "torch" and self.estimator not in ("shots", "amplitude-estimation"):
             raise ValueError(
                 f"backend {self.backend!r} runs circuits: estimator must be 'shots' or "

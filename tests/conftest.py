@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from experiments import data
+
+if not torch.cuda.is_available():
+    # Triton's interpreter runs the fused kernels (qcnn.fused) on CPU tensors in
+    # tests/test_fused.py. Triton reads this when the kernels are defined, at import.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

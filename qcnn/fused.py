@@ -1,0 +1,238 @@
+"""The layer's element-wise work as fused Triton kernels, for CUDA: ``qcnn-algorithm.md``
+sections 2.1 to 2.3 and the Gaussian model of section 3.
+
+On a GPU, a training step of the paper's small network is bound by the host: every torch
+operation costs some 30 µs of Python, dispatch and launch whatever its size, and the layer's
+norms, noise, cap, sampling and δ noise took about 45 of them per layer and step. Here the
+forward after the convolution is one kernel, and each gradient's δ noise one more:
+
+- :func:`estimate_cap_sample`, one program per image: ‖A_p‖ as a window sum of x² (the
+  im2col matrix is never written), ‖F_q‖, Ŷ = Y + 2ε‖A_p‖‖F_q‖ξ + bias (2.1), the capped
+  ReLU in either order (2.2), then ⌊σK⌋ draws with probability ∝ f or ∝ f² (2.3). The draws
+  are made as in :mod:`qcnn.sampling`: sorted uniforms from the partial sums of N + 1
+  exponentials, each mapped to its position by a binary search of the float64 CDF. An
+  all-zero image keeps only zeros wherever its draws land.
+- :func:`gaussian_noise`: g + δ‖g‖₂ξ for each row of a gradient (3).
+
+Random numbers are Triton's Philox (``tl.randn``, ``tl.rand``) keyed by seeds that
+:func:`draw_seeds` takes from the layer's ``torch.Generator`` in one small launch, so a
+seeded run is reproducible. They are other numbers than torch's own operations draw: the
+distributions are the same, the streams are not.
+
+Off a GPU the same kernels run in Triton's interpreter (``TRITON_INTERPRET=1`` before this
+module is imported), which is how the tests check them on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from qcnn.options import QConvOptions
+from qcnn.sampling import n_samples
+
+# Lanes of a program: outputs, positions, draws or gradient entries handled per loop step.
+_BLOCK = 1024
+# The seeds a layer draws per forward pass, by index: the estimation noise and the sampling
+# (read by the forward kernel as seeds 0 and 1), then the noise of ∂L/∂F and of ∂L/∂X.
+SEEDS = 4
+WEIGHT_GRADIENT_SEED, INPUT_GRADIENT_SEED = 2, 3
+
+
+def draw_seeds(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """:data:`SEEDS` Philox keys from ``generator``, on ``device`` (no host-device sync)."""
+    return torch.randint(0, 2**62, (SEEDS,), generator=generator, device=device)
+
+
+def estimate_cap_sample(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    options: QConvOptions,
+    seeds: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """f(Ŷ) kept at the sampled positions, from Y = conv2d(x, weight) (no bias), in one kernel.
+
+    Returns (out, inner): ``out`` shaped like ``y`` (written into ``y`` in theory order);
+    ``inner`` = Y + bias for the authors' cap order, whose inner clamp gates the gradient
+    (written into ``y``), else None. Inputs are float32; ``options.estimator`` is "gaussian"
+    or "exact". The cost accounting's distinct fraction is not computed here: with
+    ``record``, the layer runs torch operations.
+    """
+    x, y = x.contiguous(), y.contiguous()
+    images, out_channels, out_h, out_w = y.shape
+    outputs = out_channels * out_h * out_w
+    authors_order = options.cap_order == "authors"
+    sample = options.sigma is not None
+    draws = n_samples(options.sigma, outputs) if sample else 0
+    out = torch.empty_like(y) if authors_order else y
+    # The CDF and the marks of the draws: scratch, read and written only by the kernel.
+    cdf = torch.empty((images, outputs) if sample else 0, dtype=torch.float64, device=y.device)
+    hits = torch.empty((images, outputs) if sample else 0, dtype=torch.int8, device=y.device)
+    noise = options.estimator == "gaussian" and options.epsilon > 0
+    authors_norms = options.norms == "authors"
+    _estimate_cap_sample[(images,)](
+        x, 0 if authors_norms else x.stride(0), x.stride(1), x.stride(2),
+        1 if authors_norms else x.shape[1], x.shape[2], x.shape[3],
+        weight.contiguous(), math.prod(weight.shape[1:]), weight.shape[2], weight.shape[3],
+        y, y if bias is None else bias, out, cdf, hits, seeds,
+        out_channels, out_h, out_w, stride[0], stride[1], padding[0], padding[1],
+        2 * options.epsilon, options.cap, draws, outputs.bit_length(),
+        NOISE=noise, HAS_BIAS=bias is not None, AUTHORS_ORDER=authors_order, SAMPLE=sample,
+        QUADRATIC=options.sampling == "quadratic",
+        POSITIONS=min(_BLOCK, 1 << (out_h * out_w - 1).bit_length()), BLOCK=_BLOCK,
+    )  # fmt: skip
+    return out, (y if authors_order else None)
+
+
+def gaussian_noise(
+    gradient: torch.Tensor, delta: float, seeds: torch.Tensor, seed: int, rows: int = 1
+) -> torch.Tensor:
+    """g + δ‖g‖₂ξ for each of ``rows`` rows of ``gradient`` (float32), as a new tensor.
+
+    One program per row: the whole kernel gradient is one vector, each image's ∂L/∂X one.
+    """
+    flat = gradient.contiguous().view(rows, -1)
+    out = torch.empty_like(flat)
+    _gaussian_noise[(rows,)](flat, out, seeds, seed, flat.shape[1], delta, BLOCK=_BLOCK)
+    return out.view_as(gradient)
+
+
+@triton.jit
+def _exponential(seed, offsets):
+    """Exp(1) numbers −log(1 − U), U ~ U[0, 1) by Philox: finite, as in ``qcnn.sampling``."""
+    return -tl.log(1.0 - tl.rand(seed, offsets))
+
+
+@triton.jit
+def _estimate_cap_sample(
+    x_ptr, x_image_stride, x_channel_stride, x_row_stride, norm_channels, height, width,
+    w_ptr, volume, kernel_h, kernel_w,
+    y_ptr, bias_ptr, out_ptr, cdf_ptr, hit_ptr, seeds_ptr,
+    out_channels, out_h, out_w, stride_h, stride_w, pad_h, pad_w,
+    noise_scale, cap, draws, search_steps,
+    NOISE: tl.constexpr, HAS_BIAS: tl.constexpr, AUTHORS_ORDER: tl.constexpr,
+    SAMPLE: tl.constexpr, QUADRATIC: tl.constexpr, POSITIONS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    image = tl.program_id(0).to(tl.int64)
+    positions = out_h * out_w
+    outputs = out_channels * positions
+    row = image * outputs  # this image's outputs, channel-major as in y
+    lanes = tl.arange(0, BLOCK)
+    estimation_seed = tl.load(seeds_ptr)
+
+    # 1. f(Ŷ) everywhere. A block of positions takes its patch norms once, for every channel.
+    for first in range(0, positions, POSITIONS):
+        p = first + tl.arange(0, POSITIONS)
+        live = p < positions
+        top = (p // out_w) * stride_h - pad_h
+        left = (p % out_w) * stride_w - pad_w
+        squares = tl.zeros([POSITIONS], tl.float32)
+        for c in range(norm_channels):
+            plane = x_ptr + image * x_image_stride + c * x_channel_stride
+            for i in range(kernel_h):
+                r = top + i
+                for j in range(kernel_w):
+                    col = left + j
+                    inside = live & (r >= 0) & (r < height) & (col >= 0) & (col < width)
+                    v = tl.load(plane + r * x_row_stride + col, mask=inside, other=0.0)
+                    squares += v * v
+        patch_norms = tl.sqrt(squares)
+        for q in range(out_channels):
+            kernel_squares = tl.zeros([BLOCK], tl.float32)
+            for start in range(0, volume, BLOCK):
+                w = tl.load(w_ptr + q * volume + start + lanes, mask=start + lanes < volume, other=0.0)
+                kernel_squares += w * w
+            kernel_norm = tl.sqrt(tl.sum(kernel_squares, 0))
+            k = row + q * positions + p
+            y = tl.load(y_ptr + k, mask=live)
+            y_hat = y
+            if NOISE:
+                y_hat = y + noise_scale * (patch_norms * kernel_norm) * tl.randn(estimation_seed, k)
+            if HAS_BIAS:
+                b = tl.load(bias_ptr + q)
+                y, y_hat = y + b, y_hat + b
+            if AUTHORS_ORDER:  # clamp(clamp(Y) + noise); Y + bias kept for the backward's gate
+                tl.store(y_ptr + k, y, mask=live)
+                y_hat = tl.clamp(y, 0.0, cap, propagate_nan=tl.PropagateNan.ALL) + (y_hat - y)
+            f = tl.clamp(y_hat, 0.0, cap, propagate_nan=tl.PropagateNan.ALL)
+            tl.store(out_ptr + k, f, mask=live)
+            if SAMPLE:
+                tl.store(hit_ptr + k, tl.zeros([POSITIONS], tl.int8), mask=live)
+
+    if SAMPLE:
+        tl.debug_barrier()  # f of every output is stored before any lane reads another's
+        # 2. The CDF of the weights, in order, in float64 (as torch.cumsum in qcnn.sampling).
+        total = tl.zeros([], tl.float64)
+        for first in range(0, outputs, BLOCK):
+            k = first + lanes
+            live = k < outputs
+            f = tl.load(out_ptr + row + k, mask=live, other=0.0)
+            if QUADRATIC:
+                f = f * f
+            weights = f.to(tl.float64)
+            tl.store(cdf_ptr + row + k, tl.cumsum(weights, 0) + total, mask=live)
+            total += tl.sum(weights, 0)
+        tl.debug_barrier()
+
+        # 3. Draw j is (E_1 + ... + E_j) · total / (E_1 + ... + E_{N+1}); it lands at the
+        # first position whose CDF exceeds it.
+        sampling_seed = tl.load(seeds_ptr + 1)
+        counters = image * (draws + 1)
+        spacings = tl.zeros([], tl.float64)
+        for first in range(0, draws + 1, BLOCK):
+            j = first + lanes
+            e = tl.where(j < draws + 1, _exponential(sampling_seed, counters + j), 0.0)
+            spacings += tl.sum(e.to(tl.float64), 0)
+        factor = total / spacings
+        partial = tl.zeros([], tl.float64)
+        for first in range(0, draws, BLOCK):
+            j = first + lanes
+            live = j < draws
+            e = tl.where(live, _exponential(sampling_seed, counters + j), 0.0).to(tl.float64)
+            draw = (tl.cumsum(e, 0) + partial) * factor
+            partial += tl.sum(e, 0)
+            low = tl.zeros([BLOCK], tl.int32)
+            high = tl.zeros([BLOCK], tl.int32) + outputs
+            for _ in range(search_steps):  # ⌈log₂(K + 1)⌉ halvings close every interval
+                searching = low < high
+                middle = (low + high) // 2
+                bound = tl.load(cdf_ptr + row + middle, mask=live & searching, other=0.0)
+                above = bound <= draw
+                low = tl.where(searching & above, middle + 1, low)
+                high = tl.where(searching & ~above, middle, high)
+            landed = tl.minimum(low, outputs - 1)  # rounding past the last entry: the last position
+            tl.store(hit_ptr + row + landed, tl.full([BLOCK], 1, tl.int8), mask=live & (draw == draw))
+        tl.debug_barrier()
+
+        # 4. Keep f where a draw landed, 0 elsewhere.
+        for first in range(0, outputs, BLOCK):
+            k = first + lanes
+            live = k < outputs
+            hit = tl.load(hit_ptr + row + k, mask=live, other=0)
+            f = tl.load(out_ptr + row + k, mask=live)
+            tl.store(out_ptr + row + k, f * hit.to(tl.float32), mask=live)
+
+
+@triton.jit
+def _gaussian_noise(g_ptr, out_ptr, seeds_ptr, seed_index, length, delta, BLOCK: tl.constexpr):
+    start = tl.program_id(0).to(tl.int64) * length
+    lanes = tl.arange(0, BLOCK)
+    squares = tl.zeros([BLOCK], tl.float32)
+    for first in range(0, length, BLOCK):
+        i = first + lanes
+        g = tl.load(g_ptr + start + i, mask=i < length, other=0.0)
+        squares += g * g
+    scale = delta * tl.sqrt(tl.sum(squares, 0))
+    seed = tl.load(seeds_ptr + seed_index)
+    for first in range(0, length, BLOCK):
+        i = first + lanes
+        live = i < length
+        g = tl.load(g_ptr + start + i, mask=live)
+        tl.store(out_ptr + start + i, g + scale * tl.randn(seed, start + i), mask=live)

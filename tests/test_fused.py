@@ -1,0 +1,259 @@
+"""The fused Triton kernels of ``qcnn.fused`` against the torch operations they replace.
+
+With CUDA they run compiled on the GPU; without it, in Triton's interpreter on CPU tensors
+(``tests/conftest.py`` sets ``TRITON_INTERPRET=1``). The kernels draw Philox numbers, not
+torch's, so each test makes the kernel's own numbers again with the same Triton calls and
+feeds them to the torch formula: outputs must then agree to float32 rounding, and the
+sampled positions exactly. That the Philox numbers have the right distributions is tested
+on its own, so the statistical tests of ``test_layer.py`` carry over.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from scipy import stats
+from torch.nn import functional as F
+
+# In the dev extra on Linux, and torch's CUDA builds bring it; elsewhere these tests skip.
+triton = pytest.importorskip("triton")
+import triton.language as tl
+
+from qcnn import QConv2d, functional, fused
+from qcnn.estimation import patch_norms
+from qcnn.fused import _exponential
+from qcnn.options import QConvOptions
+from qcnn.sampling import _search_draws, n_samples
+from tests.stats import ALPHA, assert_standard_normal
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+STRIDE, PADDING = (2, 1), (1, 0)
+EXACT = {"epsilon": 0.0, "sigma": None, "cap": math.inf, "delta": 0.0}
+
+
+@triton.jit
+def _philox_numbers(seeds_ptr, seed_index, out_ptr, count, EXPONENTIAL: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    seed = tl.load(seeds_ptr + seed_index)
+    if EXPONENTIAL:
+        numbers = _exponential(seed, i)
+    else:
+        numbers = tl.randn(seed, i)
+    tl.store(out_ptr + i, numbers, mask=i < count)
+
+
+def philox_numbers(seeds: torch.Tensor, index: int, count: int, exponential: bool = False) -> torch.Tensor:
+    """The numbers the kernels draw for counters 0..count − 1 under seed ``seeds[index]``."""
+    out = torch.empty(count, device=seeds.device)
+    grid = (triton.cdiv(count, 1024),)
+    _philox_numbers[grid](seeds, index, out, count, EXPONENTIAL=exponential, BLOCK=1024)
+    return out
+
+
+def generator(seed: int) -> torch.Generator:
+    return torch.Generator(DEVICE).manual_seed(seed)
+
+
+def conv_inputs(seed: int, shape=(3, 2, 9, 8), out_channels: int = 3, kernel: int = 3):
+    """x, kernels and bias on DEVICE, and Y = conv2d(x, kernels) without bias."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g)
+    weight = torch.randn(out_channels, shape[1], kernel, kernel, generator=g) / kernel
+    bias = torch.randn(out_channels, generator=g)
+    x, weight, bias = x.to(DEVICE), weight.to(DEVICE), bias.to(DEVICE)
+    return x, weight, bias, F.conv2d(x, weight, None, STRIDE, PADDING)
+
+
+def torch_formula(x, y, weight, bias, options, normals):
+    """f(Ŷ) by the torch operations of qcnn.functional, given the estimation's normals."""
+    norms = patch_norms(x, weight.shape[2:], STRIDE, PADDING, options.norms == "authors")
+    scale = norms * weight.flatten(1).norm(dim=1).view(1, -1, 1, 1)
+    y_hat = y + 2 * options.epsilon * scale * normals
+    if bias is not None:
+        y, y_hat = y + bias.view(1, -1, 1, 1), y_hat + bias.view(1, -1, 1, 1)
+    if options.cap_order == "authors":
+        y_hat = y.clamp(0, options.cap) + (y_hat - y)
+    return y_hat.clamp(0, options.cap), y
+
+
+# --- the kernels ---------------------------------------------------------------------------------
+
+
+def test_philox_numbers_are_standard_normal_and_exponential():
+    seeds = fused.draw_seeds(generator(1), DEVICE)
+    assert_standard_normal(philox_numbers(seeds, 0, 100_000).cpu().numpy())
+    exponentials = philox_numbers(seeds, 1, 100_000, exponential=True).cpu().numpy()
+    assert stats.kstest(exponentials, "expon").pvalue > ALPHA
+
+
+@pytest.mark.parametrize("cap_order", ["theory", "authors"])
+@pytest.mark.parametrize("norms", ["exact", "authors"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_estimate_and_cap_match_the_torch_formula(cap_order, norms, with_bias):
+    """Multi-channel input, stride (2, 1), padding (1, 0): f(Ŷ) with the kernel's normals."""
+    x, weight, bias, y = conv_inputs(2)
+    bias = bias if with_bias else None
+    options = QConvOptions(epsilon=0.1, cap=1.0, sigma=None, cap_order=cap_order, norms=norms)
+    seeds = fused.draw_seeds(generator(3), DEVICE)
+    out, inner = fused.estimate_cap_sample(x, y.clone(), weight, bias, STRIDE, PADDING, options, seeds)
+    normals = philox_numbers(seeds, 0, y.numel()).view_as(y)
+    expected, y_with_bias = torch_formula(x, y, weight, bias, options, normals)
+    torch.testing.assert_close(out, expected)
+    assert ((0 < out) & (out < 1)).any() and (out == 1).any() and (out == 0).any()
+    if cap_order == "authors":
+        torch.testing.assert_close(inner, y_with_bias)
+    else:
+        assert inner is None
+
+
+def test_exact_estimator_adds_no_noise():
+    x, weight, bias, y = conv_inputs(4)
+    options = QConvOptions(estimator="exact", cap=math.inf, sigma=None)
+    seeds = fused.draw_seeds(generator(5), DEVICE)
+    out, _ = fused.estimate_cap_sample(x, y.clone(), weight, bias, STRIDE, PADDING, options, seeds)
+    torch.testing.assert_close(out, F.relu(y + bias.view(1, -1, 1, 1)))
+
+
+@pytest.mark.parametrize("sampling", ["linear", "quadratic"])
+@pytest.mark.parametrize(
+    ("shape", "kernel"),
+    [((5, 2, 9, 8), 3), ((3, 1, 80, 40), 3)],  # the second: more positions and draws than a block
+)
+def test_sampling_draws_where_searchsorted_does(sampling, shape, kernel):
+    """Given the kernel's exponentials, the torch.searchsorted sampler of qcnn.sampling keeps
+    exactly the same positions; an all-zero image (zero input, no bias) stays all zero."""
+    x, weight, _, _ = conv_inputs(6, shape, kernel=kernel)
+    x[1] = 0
+    y = F.conv2d(x, weight, None, STRIDE, PADDING)
+    seeds = fused.draw_seeds(generator(7), DEVICE)
+    unsampled = QConvOptions(epsilon=0.1, cap=2.0, sigma=None, sampling=sampling)
+    full, _ = fused.estimate_cap_sample(x, y.clone(), weight, None, STRIDE, PADDING, unsampled, seeds)
+    sampled = QConvOptions(epsilon=0.1, cap=2.0, sigma=0.4, sampling=sampling)
+    out, _ = fused.estimate_cap_sample(x, y.clone(), weight, None, STRIDE, PADDING, sampled, seeds)
+    images, outputs = len(x), full[0].numel()
+    draws = n_samples(0.4, outputs)
+    exponentials = philox_numbers(seeds, 1, images * (draws + 1), exponential=True).view(images, -1)
+    weights = full.flatten(1) if sampling == "linear" else full.flatten(1).square()
+    mask = torch.zeros_like(weights).scatter_(1, _search_draws(weights, exponentials), 1)
+    assert torch.equal(out.flatten(1), full.flatten(1) * mask)
+    assert out[1].abs().sum() == 0 and (out[[0, 2]].flatten(1) > 0).any(1).all()
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_gaussian_noise_matches_the_torch_formula(rows):
+    """g + δ‖g‖₂ξ per row, rows longer than a block."""
+    gradient = torch.randn(rows, 2500, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    seeds = fused.draw_seeds(generator(9), DEVICE)
+    out = fused.gaussian_noise(gradient, 0.1, seeds, fused.INPUT_GRADIENT_SEED, rows)
+    normals = philox_numbers(seeds, fused.INPUT_GRADIENT_SEED, gradient.numel()).view_as(gradient)
+    expected = gradient + 0.1 * gradient.norm(dim=1, keepdim=True) * normals
+    torch.testing.assert_close(out, expected)
+
+
+# --- the layer on the fused kernels --------------------------------------------------------------
+
+
+@pytest.fixture
+def fused_calls(monkeypatch) -> list:
+    """The layer takes the fused path on this test's device too; the list counts its calls."""
+    monkeypatch.setattr(functional, "FUSED_DEVICE_TYPES", (DEVICE.type,))
+    calls, kernel = [], fused.estimate_cap_sample
+
+    def counted(*args):
+        calls.append(args)
+        return kernel(*args)
+
+    monkeypatch.setattr(fused, "estimate_cap_sample", counted)
+    return calls
+
+
+def layer_and_input(seed: int, **options) -> tuple[QConv2d, torch.Tensor]:
+    torch.manual_seed(seed)
+    layer = QConv2d(2, 3, 3, stride=STRIDE, padding=PADDING, device=DEVICE, **options)
+    x = torch.randn(4, 2, 9, 8, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+    return layer, x.requires_grad_()
+
+
+def test_fused_layer_in_the_exact_limit_is_the_classical_block(fused_calls):
+    layer, x = layer_and_input(10, **EXACT)
+    upstream = torch.randn(4, 3, 5, 6, generator=torch.Generator().manual_seed(11)).to(DEVICE)
+    (layer(x) * upstream).sum().backward()
+    got = (x.grad, layer.weight.grad, layer.bias.grad)
+    conv = torch.nn.Conv2d(2, 3, 3, stride=STRIDE, padding=PADDING, device=DEVICE)
+    conv.load_state_dict(layer.state_dict())
+    xr = x.detach().requires_grad_()
+    out = F.relu(conv(xr))
+    (out * upstream).sum().backward()
+    for grad, want in zip(got, (xr.grad, conv.weight.grad, conv.bias.grad), strict=True):
+        torch.testing.assert_close(grad, want)
+    torch.testing.assert_close(layer(x), out)
+    assert len(fused_calls) == 2
+
+
+@pytest.mark.parametrize("cap_order", ["theory", "authors"])
+def test_fused_layer_gradient_is_zero_at_unsampled_and_capped_positions(fused_calls, cap_order):
+    layer, x = layer_and_input(12, sigma=0.4, cap=0.5, delta=0.0, cap_order=cap_order)
+    layer.generator = generator(13)
+    out = layer(x)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(14)).to(DEVICE)
+    (out * upstream).sum().backward()
+    gate = (out > 0) & (out < 0.5)  # sampled, neither cut by the ReLU nor capped
+    assert (out == 0.5).any() and (out == 0).any() and gate.any()
+    w, xr = layer.weight.detach().requires_grad_(), x.detach().requires_grad_()
+    y = F.conv2d(xr, w, layer.bias.detach(), STRIDE, PADDING)
+    if cap_order == "authors":  # the inner clamp stops the gradient too
+        gate &= (y > 0) & (y < 0.5)
+    (y * upstream * gate).sum().backward()
+    torch.testing.assert_close(layer.weight.grad, w.grad)
+    torch.testing.assert_close(x.grad, xr.grad)
+    assert len(fused_calls) == 1
+
+
+def test_fused_layer_backward_adds_delta_norm_noise_from_its_seeds(fused_calls):
+    """∂L/∂F and each image's ∂L/∂X get δ‖g‖₂ξ, ξ the Philox normals of the seeds the
+    forward pass drew (the generator's first draw)."""
+    delta, grads = 0.1, []
+    for d in (0.0, delta):
+        layer, x = layer_and_input(15, sigma=0.5, delta=d, generator=generator(16))
+        layer(x).sum().backward()
+        grads.append((x.grad.flatten(1), layer.weight.grad.flatten()))
+    (exact_x, exact_w), (noisy_x, noisy_w) = grads
+    seeds = fused.draw_seeds(generator(16), DEVICE)
+    normals_x = philox_numbers(seeds, fused.INPUT_GRADIENT_SEED, exact_x.numel()).view_as(exact_x)
+    normals_w = philox_numbers(seeds, fused.WEIGHT_GRADIENT_SEED, exact_w.numel())
+    torch.testing.assert_close(noisy_x, exact_x + delta * exact_x.norm(dim=1, keepdim=True) * normals_x)
+    torch.testing.assert_close(noisy_w, exact_w + delta * exact_w.norm() * normals_w)
+
+
+def test_fused_layer_is_reproducible(fused_calls):
+    results = []
+    for _ in range(2):
+        layer, x = layer_and_input(17, epsilon=0.1, delta=0.1, generator=generator(18))
+        out = layer(x)
+        out.sum().backward()
+        results.append((out.detach(), x.grad, layer.weight.grad, layer.bias.grad))
+    for first, second in zip(*results, strict=True):
+        assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"fused": False}, {"estimator": "shots"}, {"dtype": torch.float64}, {"track_cost": True}],
+)
+def test_layer_keeps_torch_operations_where_the_kernels_do_not_apply(fused_calls, options):
+    track_cost = options.pop("track_cost", False)
+    layer, x = layer_and_input(19, **options)
+    layer.track_cost = track_cost
+    layer(x.to(layer.weight.dtype))
+    assert fused_calls == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_layer_takes_the_fused_path_by_default(monkeypatch):
+    calls, kernel = [], fused.estimate_cap_sample
+    monkeypatch.setattr(fused, "estimate_cap_sample", lambda *args: calls.append(1) or kernel(*args))
+    layer, x = layer_and_input(20, generator=generator(21))
+    layer(x).sum().backward()
+    assert calls == [1] and torch.isfinite(x.grad).all()
