@@ -22,6 +22,7 @@ import functools
 import logging
 import math
 from collections.abc import Callable
+from types import ModuleType
 
 import torch
 from torch.nn import functional as F
@@ -64,7 +65,7 @@ FUSED_DEVICE_TYPES = ("cuda",)
 
 def _fused_kernels(
     x: torch.Tensor, weight: torch.Tensor, options: QConvOptions, record: CostRecorder | None
-):
+) -> ModuleType | None:
     """:mod:`qcnn.fused` where it applies to this forward pass (see ``QConvOptions.fused``), else None."""
     applies = (
         options.fused
@@ -73,17 +74,21 @@ def _fused_kernels(
         and options.estimator in ("exact", "gaussian")
         and record is None
     )
-    return _import_fused() if applies else None
+    return _fused_on(x.device) if applies else None
 
 
 @functools.cache
-def _import_fused():
+def _fused_on(device: torch.device) -> ModuleType | None:
+    """:mod:`qcnn.fused` if Triton imports and its kernels pass their smoke test on
+    ``device``, else None: the layer then runs torch operations, with a warning, once."""
     try:
         from qcnn import fused  # imports Triton
-    except ImportError as error:
+
+        fused.smoke_test(device)
+    except Exception as error:  # whatever stops the kernels, torch operations still work
         log.warning(
-            "the fused QCNN kernels are unavailable (%s): on CUDA the layer runs torch "
-            "operations instead, several times slower per training step", error
+            "the fused QCNN kernels cannot run on %s (%r): the layer runs torch operations "
+            "there instead, several times slower per training step on a GPU", device, error
         )
         return None
     return fused
@@ -165,7 +170,7 @@ def _read_out(gradient: torch.Tensor, ctx, which: str, rows: int = 1) -> torch.T
     """``gradient`` through the δ model: by a fused kernel if the forward pass used them."""
     options = ctx.options
     if ctx.seeds is not None and options.backprop == "gaussian" and options.delta > 0:
-        fused = _import_fused()
+        fused = _fused_on(gradient.device)
         seed = fused.WEIGHT_GRADIENT_SEED if which == "weight" else fused.INPUT_GRADIENT_SEED
         return fused.gaussian_noise(gradient, options.delta, ctx.seeds, seed, rows)
     return noisy_gradient(gradient, options.delta, options.backprop, ctx.generator, rows)
@@ -216,7 +221,8 @@ def qconv2d(
     ``weight`` is (D', D, h, w) as for ``torch.nn.functional.conv2d``; the output is
     (N, D', H', W'), pooled if ``pooling`` is set. Keyword options and their defaults are
     those of :class:`qcnn.options.QConvOptions` (``estimator``, ``shots``, ``ae_qubits``,
-    ``norms``, ``cap_order``, ``sampling``, ``pooling``, ``pool_size``, ``backprop``).
+    ``norms``, ``cap_order``, ``sampling``, ``pooling``, ``pool_size``, ``backprop``,
+    ``fused``).
     Randomness comes from ``generator`` (the global RNG if None). ``record``, if given, is
     called with the :class:`qcnn.cost.LayerCost` of this forward pass.
     """

@@ -47,6 +47,26 @@ def draw_seeds(generator: torch.Generator | None, device: torch.device) -> torch
     return torch.randint(0, 2**62, (SEEDS,), generator=generator, device=device)
 
 
+def smoke_test(device: torch.device) -> None:
+    """Compile and run both kernels on a tiny problem on ``device``; raise if they cannot.
+
+    Triton can fail where torch works: no C compiler for its launcher, an unsupported GPU,
+    a Triton release that rejects these kernels. A wrong result raises too: the convolution
+    of ones is 9 everywhere, so the outputs kept are 9 and the others 0, with 1 to 4 kept
+    (⌊σK⌋ = 4 draws) per image, and noise of δ = 0 changes nothing.
+    """
+    x, weight = torch.ones(2, 1, 4, 4, device=device), torch.ones(2, 1, 3, 3, device=device)
+    y = torch.nn.functional.conv2d(x, weight)
+    seeds = draw_seeds(torch.Generator(device).manual_seed(0), device)
+    options = QConvOptions(epsilon=0.0, cap=10.0, sigma=0.5)
+    out, _ = estimate_cap_sample(x, y, weight, None, (1, 1), (0, 0), options, seeds)
+    kept = (out == 9).flatten(1).sum(1)
+    if not (((out == 0) | (out == 9)).all() and ((kept >= 1) & (kept <= 4)).all()):
+        raise RuntimeError(f"the fused forward kernel gave {out.flatten(1).tolist()} for 9s")
+    if not torch.equal(gaussian_noise(out, 0.0, seeds, WEIGHT_GRADIENT_SEED, 2), out):
+        raise RuntimeError("the fused noise kernel changed a gradient with delta = 0")
+
+
 def estimate_cap_sample(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -77,17 +97,18 @@ def estimate_cap_sample(
     hits = torch.empty((images, outputs) if sample else 0, dtype=torch.int8, device=y.device)
     noise = options.estimator == "gaussian" and options.epsilon > 0
     authors_norms = options.norms == "authors"
-    _estimate_cap_sample[(images,)](
-        x, 0 if authors_norms else x.stride(0), x.stride(1), x.stride(2),
-        1 if authors_norms else x.shape[1], x.shape[2], x.shape[3],
-        weight.contiguous(), math.prod(weight.shape[1:]), weight.shape[2], weight.shape[3],
-        y, y if bias is None else bias, out, cdf, hits, seeds,
-        out_channels, out_h, out_w, stride[0], stride[1], padding[0], padding[1],
-        2 * options.epsilon, options.cap, draws, outputs.bit_length(),
-        NOISE=noise, HAS_BIAS=bias is not None, AUTHORS_ORDER=authors_order, SAMPLE=sample,
-        QUADRATIC=options.sampling == "quadratic",
-        POSITIONS=min(_BLOCK, 1 << (out_h * out_w - 1).bit_length()), BLOCK=_BLOCK,
-    )  # fmt: skip
+    with _on_device_of(y):
+        _estimate_cap_sample[(images,)](
+            x, 0 if authors_norms else x.stride(0), x.stride(1), x.stride(2),
+            1 if authors_norms else x.shape[1], x.shape[2], x.shape[3],
+            weight.contiguous(), math.prod(weight.shape[1:]), weight.shape[2], weight.shape[3],
+            y, y if bias is None else bias, out, cdf, hits, seeds,
+            out_channels, out_h, out_w, stride[0], stride[1], padding[0], padding[1],
+            2 * options.epsilon, options.cap, draws, outputs.bit_length(),
+            NOISE=noise, HAS_BIAS=bias is not None, AUTHORS_ORDER=authors_order, SAMPLE=sample,
+            QUADRATIC=options.sampling == "quadratic",
+            POSITIONS=min(_BLOCK, 1 << (out_h * out_w - 1).bit_length()), BLOCK=_BLOCK,
+        )  # fmt: skip
     return out, (y if authors_order else None)
 
 
@@ -100,8 +121,17 @@ def gaussian_noise(
     """
     flat = gradient.contiguous().view(rows, -1)
     out = torch.empty_like(flat)
-    _gaussian_noise[(rows,)](flat, out, seeds, seed, flat.shape[1], delta, BLOCK=_BLOCK)
+    with _on_device_of(flat):
+        _gaussian_noise[(rows,)](flat, out, seeds, seed, flat.shape[1], delta, BLOCK=_BLOCK)
     return out.view_as(gradient)
+
+
+def _on_device_of(tensor: torch.Tensor) -> torch.cuda.device:
+    """Triton launches on the current CUDA device: make it the tensor's. A device without an
+    index ("cuda", which is the current one, or the CPU of the interpreter) gives -1, which
+    ``torch.cuda.device`` takes as a no-op."""
+    index = tensor.device.index
+    return torch.cuda.device(-1 if index is None else index)
 
 
 @triton.jit

@@ -155,10 +155,13 @@ def test_gaussian_noise_matches_the_torch_formula(rows):
 # --- the layer on the fused kernels --------------------------------------------------------------
 
 
-@pytest.fixture
-def fused_calls(monkeypatch) -> list:
-    """The layer takes the fused path on this test's device too; the list counts its calls."""
-    monkeypatch.setattr(functional, "FUSED_DEVICE_TYPES", (DEVICE.type,))
+def count_fused_forwards(monkeypatch) -> list:
+    """A list that gets one entry per call of ``fused.estimate_cap_sample`` by the layer.
+
+    The kernels' smoke test on DEVICE, which the layer runs once before it first uses them,
+    must have passed first (and is not counted).
+    """
+    assert functional._fused_on(DEVICE) is fused
     calls, kernel = [], fused.estimate_cap_sample
 
     def counted(*args):
@@ -167,6 +170,13 @@ def fused_calls(monkeypatch) -> list:
 
     monkeypatch.setattr(fused, "estimate_cap_sample", counted)
     return calls
+
+
+@pytest.fixture
+def fused_calls(monkeypatch) -> list:
+    """The layer takes the fused path on this test's device too; the list counts its calls."""
+    monkeypatch.setattr(functional, "FUSED_DEVICE_TYPES", (DEVICE.type,))
+    return count_fused_forwards(monkeypatch)
 
 
 def layer_and_input(seed: int, **options) -> tuple[QConv2d, torch.Tensor]:
@@ -250,10 +260,26 @@ def test_layer_keeps_torch_operations_where_the_kernels_do_not_apply(fused_calls
     assert fused_calls == []
 
 
+def test_layer_falls_back_to_torch_operations_when_the_smoke_test_fails(monkeypatch, caplog):
+    def fails(device):
+        raise RuntimeError("no C compiler")
+
+    monkeypatch.setattr(functional, "FUSED_DEVICE_TYPES", (DEVICE.type,))
+    monkeypatch.setattr(fused, "smoke_test", fails)
+    functional._fused_on.cache_clear()
+    try:
+        layer, x = layer_and_input(22, generator=generator(23))
+        with caplog.at_level("WARNING", logger="qcnn.functional"):
+            layer(x).sum().backward()
+        assert "no C compiler" in caplog.text and "torch operations" in caplog.text
+        assert functional._fused_on(DEVICE) is None and torch.isfinite(x.grad).all()
+    finally:
+        functional._fused_on.cache_clear()  # the next test runs the real smoke test again
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 def test_cuda_layer_takes_the_fused_path_by_default(monkeypatch):
-    calls, kernel = [], fused.estimate_cap_sample
-    monkeypatch.setattr(fused, "estimate_cap_sample", lambda *args: calls.append(1) or kernel(*args))
+    calls = count_fused_forwards(monkeypatch)
     layer, x = layer_and_input(20, generator=generator(21))
     layer(x).sum().backward()
-    assert calls == [1] and torch.isfinite(x.grad).all()
+    assert len(calls) == 1 and torch.isfinite(x.grad).all()

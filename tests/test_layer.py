@@ -458,6 +458,7 @@ def test_cost_accounting():
         ({"norms": "cheap"}, "norms"),
         ({"pooling": "min"}, "pooling"),
         ({"shots": 0, "estimator": "shots"}, "shots"),
+        ({"fused": 1}, "fused"),
     ],
 )
 def test_bad_options_raise_naming_the_argument(kwargs, match):
