@@ -146,6 +146,10 @@ def test_cli_rejects_bad_values_before_any_work(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="no CUDA device"):
             cli.main(["compare", "--device", "cuda", *small])
+        with pytest.raises(SystemExit, match="no CUDA device"):
+            cli.main(["bench", "--cuda-only"])
+    with pytest.raises(SystemExit, match="exclude each other"):
+        cli.main(["bench", "--cpu-only", "--cuda-only"])
 
 
 def test_run_config_validates():
