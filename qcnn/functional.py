@@ -18,8 +18,6 @@ number of operations launched, not by their size.
 
 from __future__ import annotations
 
-import functools
-import logging
 import math
 from collections.abc import Callable
 from types import ModuleType
@@ -28,6 +26,7 @@ import torch
 from torch.nn import functional as F
 from torch.nn.modules.utils import _pair
 
+from qcnn import fused
 from qcnn.backprop import noisy_gradient
 from qcnn.cost import LayerCost, layer_cost
 from qcnn.estimation import estimate, patch_norms
@@ -35,7 +34,6 @@ from qcnn.options import QConvOptions
 from qcnn.sampling import n_samples, sample_
 
 CostRecorder = Callable[[LayerCost], None]
-log = logging.getLogger(__name__)
 
 
 def check_input(x: torch.Tensor, weight: torch.Tensor, generator: torch.Generator | None) -> None:
@@ -58,40 +56,14 @@ def check_input(x: torch.Tensor, weight: torch.Tensor, generator: torch.Generato
         )
 
 
-# Device types whose float32 forward runs the fused Triton kernels. The tests add "cpu",
-# where Triton's interpreter runs them.
-FUSED_DEVICE_TYPES = ("cuda",)
-
-
 def _fused_kernels(
     x: torch.Tensor, weight: torch.Tensor, options: QConvOptions, record: CostRecorder | None
 ) -> ModuleType | None:
-    """:mod:`qcnn.fused` where it applies to this forward pass (see ``QConvOptions.fused``), else None."""
-    applies = (
-        options.fused
-        and x.device.type in FUSED_DEVICE_TYPES
-        and x.dtype == weight.dtype == torch.float32
-        and options.estimator in ("exact", "gaussian")
-        and record is None
-    )
-    return _fused_on(x.device) if applies else None
-
-
-@functools.cache
-def _fused_on(device: torch.device) -> ModuleType | None:
-    """:mod:`qcnn.fused` if Triton imports and its kernels pass their smoke test on
-    ``device``, else None: the layer then runs torch operations, with a warning, once."""
-    try:
-        from qcnn import fused  # imports Triton
-
-        fused.smoke_test(device)
-    except Exception as error:  # whatever stops the kernels, torch operations still work
-        log.warning(
-            "the fused QCNN kernels cannot run on %s (%r): the layer runs torch operations "
-            "there instead, several times slower per training step on a GPU", device, error
-        )
-        return None
-    return fused
+    """:mod:`qcnn.fused.kernels` where they apply to this forward pass (see
+    ``QConvOptions.fused``), else None."""
+    if options.fused and options.estimator in ("exact", "gaussian") and record is None:
+        return fused.kernels_for(x, weight)
+    return None
 
 
 def _estimate_cap_sample(x, y, weight, bias, stride, padding, options, generator, record):
@@ -141,7 +113,7 @@ class _QConv2d(torch.autograd.Function):
         # Saved as torch's ReLU saves its result: changing it in place is an autograd error.
         ctx.save_for_backward(x, weight, f, inner)
         ctx.conv = (stride, padding, bias is not None)
-        ctx.options, ctx.generator, ctx.seeds = options, generator, seeds
+        ctx.options, ctx.generator, ctx.kernels, ctx.seeds = options, generator, kernels, seeds
         return f
 
     @staticmethod
@@ -168,11 +140,10 @@ class _QConv2d(torch.autograd.Function):
 
 def _read_out(gradient: torch.Tensor, ctx, which: str, rows: int = 1) -> torch.Tensor:
     """``gradient`` through the δ model: by a fused kernel if the forward pass used them."""
-    options = ctx.options
-    if ctx.seeds is not None and options.backprop == "gaussian" and options.delta > 0:
-        fused = _fused_on(gradient.device)
-        seed = fused.WEIGHT_GRADIENT_SEED if which == "weight" else fused.INPUT_GRADIENT_SEED
-        return fused.gaussian_noise(gradient, options.delta, ctx.seeds, seed, rows)
+    options, kernels = ctx.options, ctx.kernels
+    if kernels is not None and options.backprop == "gaussian" and options.delta > 0:
+        seed = kernels.WEIGHT_GRADIENT_SEED if which == "weight" else kernels.INPUT_GRADIENT_SEED
+        return kernels.gaussian_noise(gradient, options.delta, ctx.seeds, seed, rows)
     return noisy_gradient(gradient, options.delta, options.backprop, ctx.generator, rows)
 
 

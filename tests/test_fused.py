@@ -21,9 +21,10 @@ from torch.nn import functional as F
 triton = pytest.importorskip("triton")
 import triton.language as tl
 
-from qcnn import QConv2d, functional, fused
+from qcnn import QConv2d, add_gradient_noise, fused
 from qcnn.estimation import patch_norms
-from qcnn.fused import _exponential
+from qcnn.fused import kernels
+from qcnn.fused.kernels import _exponential
 from qcnn.options import QConvOptions
 from qcnn.sampling import _search_draws, n_samples
 from tests.stats import ALPHA, assert_standard_normal
@@ -82,7 +83,7 @@ def torch_formula(x, y, weight, bias, options, normals):
 
 
 def test_philox_numbers_are_standard_normal_and_exponential():
-    seeds = fused.draw_seeds(generator(1), DEVICE)
+    seeds = kernels.draw_seeds(generator(1), DEVICE)
     assert_standard_normal(philox_numbers(seeds, 0, 100_000).cpu().numpy())
     exponentials = philox_numbers(seeds, 1, 100_000, exponential=True).cpu().numpy()
     assert stats.kstest(exponentials, "expon").pvalue > ALPHA
@@ -96,8 +97,8 @@ def test_estimate_and_cap_match_the_torch_formula(cap_order, norms, with_bias):
     x, weight, bias, y = conv_inputs(2)
     bias = bias if with_bias else None
     options = QConvOptions(epsilon=0.1, cap=1.0, sigma=None, cap_order=cap_order, norms=norms)
-    seeds = fused.draw_seeds(generator(3), DEVICE)
-    out, inner = fused.estimate_cap_sample(x, y.clone(), weight, bias, STRIDE, PADDING, options, seeds)
+    seeds = kernels.draw_seeds(generator(3), DEVICE)
+    out, inner = kernels.estimate_cap_sample(x, y.clone(), weight, bias, STRIDE, PADDING, options, seeds)
     normals = philox_numbers(seeds, 0, y.numel()).view_as(y)
     expected, y_with_bias = torch_formula(x, y, weight, bias, options, normals)
     torch.testing.assert_close(out, expected)
@@ -111,8 +112,8 @@ def test_estimate_and_cap_match_the_torch_formula(cap_order, norms, with_bias):
 def test_exact_estimator_adds_no_noise():
     x, weight, bias, y = conv_inputs(4)
     options = QConvOptions(estimator="exact", cap=math.inf, sigma=None)
-    seeds = fused.draw_seeds(generator(5), DEVICE)
-    out, _ = fused.estimate_cap_sample(x, y.clone(), weight, bias, STRIDE, PADDING, options, seeds)
+    seeds = kernels.draw_seeds(generator(5), DEVICE)
+    out, _ = kernels.estimate_cap_sample(x, y.clone(), weight, bias, STRIDE, PADDING, options, seeds)
     torch.testing.assert_close(out, F.relu(y + bias.view(1, -1, 1, 1)))
 
 
@@ -127,11 +128,11 @@ def test_sampling_draws_where_searchsorted_does(sampling, shape, kernel):
     x, weight, _, _ = conv_inputs(6, shape, kernel=kernel)
     x[1] = 0
     y = F.conv2d(x, weight, None, STRIDE, PADDING)
-    seeds = fused.draw_seeds(generator(7), DEVICE)
+    seeds = kernels.draw_seeds(generator(7), DEVICE)
     unsampled = QConvOptions(epsilon=0.1, cap=2.0, sigma=None, sampling=sampling)
-    full, _ = fused.estimate_cap_sample(x, y.clone(), weight, None, STRIDE, PADDING, unsampled, seeds)
+    full, _ = kernels.estimate_cap_sample(x, y.clone(), weight, None, STRIDE, PADDING, unsampled, seeds)
     sampled = QConvOptions(epsilon=0.1, cap=2.0, sigma=0.4, sampling=sampling)
-    out, _ = fused.estimate_cap_sample(x, y.clone(), weight, None, STRIDE, PADDING, sampled, seeds)
+    out, _ = kernels.estimate_cap_sample(x, y.clone(), weight, None, STRIDE, PADDING, sampled, seeds)
     images, outputs = len(x), full[0].numel()
     draws = n_samples(0.4, outputs)
     exponentials = philox_numbers(seeds, 1, images * (draws + 1), exponential=True).view(images, -1)
@@ -145,9 +146,9 @@ def test_sampling_draws_where_searchsorted_does(sampling, shape, kernel):
 def test_gaussian_noise_matches_the_torch_formula(rows):
     """g + δ‖g‖₂ξ per row, rows longer than a block."""
     gradient = torch.randn(rows, 2500, generator=torch.Generator().manual_seed(8)).to(DEVICE)
-    seeds = fused.draw_seeds(generator(9), DEVICE)
-    out = fused.gaussian_noise(gradient, 0.1, seeds, fused.INPUT_GRADIENT_SEED, rows)
-    normals = philox_numbers(seeds, fused.INPUT_GRADIENT_SEED, gradient.numel()).view_as(gradient)
+    seeds = kernels.draw_seeds(generator(9), DEVICE)
+    out = kernels.gaussian_noise(gradient, 0.1, seeds, kernels.INPUT_GRADIENT_SEED, rows)
+    normals = philox_numbers(seeds, kernels.INPUT_GRADIENT_SEED, gradient.numel()).view_as(gradient)
     expected = gradient + 0.1 * gradient.norm(dim=1, keepdim=True) * normals
     torch.testing.assert_close(out, expected)
 
@@ -156,26 +157,26 @@ def test_gaussian_noise_matches_the_torch_formula(rows):
 
 
 def count_fused_forwards(monkeypatch) -> list:
-    """A list that gets one entry per call of ``fused.estimate_cap_sample`` by the layer.
+    """A list that gets one entry per call of ``kernels.estimate_cap_sample`` by the layer.
 
     The kernels' smoke test on DEVICE, which the layer runs once before it first uses them,
     must have passed first (and is not counted).
     """
-    assert functional._fused_on(DEVICE) is fused
-    calls, kernel = [], fused.estimate_cap_sample
+    assert fused.kernels_for(torch.ones(1, device=DEVICE)) is kernels
+    calls, kernel = [], kernels.estimate_cap_sample
 
     def counted(*args):
         calls.append(args)
         return kernel(*args)
 
-    monkeypatch.setattr(fused, "estimate_cap_sample", counted)
+    monkeypatch.setattr(kernels, "estimate_cap_sample", counted)
     return calls
 
 
 @pytest.fixture
 def fused_calls(monkeypatch) -> list:
     """The layer takes the fused path on this test's device too; the list counts its calls."""
-    monkeypatch.setattr(functional, "FUSED_DEVICE_TYPES", (DEVICE.type,))
+    monkeypatch.setattr(fused, "DEVICE_TYPES", (DEVICE.type,))
     return count_fused_forwards(monkeypatch)
 
 
@@ -230,9 +231,9 @@ def test_fused_layer_backward_adds_delta_norm_noise_from_its_seeds(fused_calls):
         layer(x).sum().backward()
         grads.append((x.grad.flatten(1), layer.weight.grad.flatten()))
     (exact_x, exact_w), (noisy_x, noisy_w) = grads
-    seeds = fused.draw_seeds(generator(16), DEVICE)
-    normals_x = philox_numbers(seeds, fused.INPUT_GRADIENT_SEED, exact_x.numel()).view_as(exact_x)
-    normals_w = philox_numbers(seeds, fused.WEIGHT_GRADIENT_SEED, exact_w.numel())
+    seeds = kernels.draw_seeds(generator(16), DEVICE)
+    normals_x = philox_numbers(seeds, kernels.INPUT_GRADIENT_SEED, exact_x.numel()).view_as(exact_x)
+    normals_w = philox_numbers(seeds, kernels.WEIGHT_GRADIENT_SEED, exact_w.numel())
     torch.testing.assert_close(noisy_x, exact_x + delta * exact_x.norm(dim=1, keepdim=True) * normals_x)
     torch.testing.assert_close(noisy_w, exact_w + delta * exact_w.norm() * normals_w)
 
@@ -246,6 +247,22 @@ def test_fused_layer_is_reproducible(fused_calls):
         results.append((out.detach(), x.grad, layer.weight.grad, layer.bias.grad))
     for first, second in zip(*results, strict=True):
         assert torch.equal(first, second)
+
+
+def test_optimiser_step_noise_is_delta_norm_times_the_kernels_normals(monkeypatch):
+    """add_gradient_noise (QuantumSGD's step): one seed per parameter with a gradient."""
+    monkeypatch.setattr(fused, "DEVICE_TYPES", (DEVICE.type,))
+    g = torch.Generator().manual_seed(24)
+    params = [torch.zeros(shape, device=DEVICE, requires_grad=True) for shape in ((30, 40), (5,), (2,))]
+    grads = [torch.randn(p.shape, generator=g).to(DEVICE) for p in params[:2]]
+    for p, grad in zip(params[:2], grads, strict=True):  # params[2] has no gradient: skipped
+        p.grad = grad.clone()
+    add_gradient_noise(params, 0.1, generator(25))
+    seeds = kernels.draw_seeds(generator(25), DEVICE, 2)
+    for index, (p, grad) in enumerate(zip(params[:2], grads, strict=True)):
+        normals = philox_numbers(seeds, index, grad.numel()).view_as(grad)
+        torch.testing.assert_close(p.grad, grad + 0.1 * grad.norm() * normals)
+    assert params[2].grad is None
 
 
 @pytest.mark.parametrize(
@@ -264,17 +281,17 @@ def test_layer_falls_back_to_torch_operations_when_the_smoke_test_fails(monkeypa
     def fails(device):
         raise RuntimeError("no C compiler")
 
-    monkeypatch.setattr(functional, "FUSED_DEVICE_TYPES", (DEVICE.type,))
-    monkeypatch.setattr(fused, "smoke_test", fails)
-    functional._fused_on.cache_clear()
+    monkeypatch.setattr(fused, "DEVICE_TYPES", (DEVICE.type,))
+    monkeypatch.setattr(kernels, "smoke_test", fails)
+    fused._kernels_on.cache_clear()
     try:
         layer, x = layer_and_input(22, generator=generator(23))
-        with caplog.at_level("WARNING", logger="qcnn.functional"):
+        with caplog.at_level("WARNING", logger="qcnn.fused"):
             layer(x).sum().backward()
         assert "no C compiler" in caplog.text and "torch operations" in caplog.text
-        assert functional._fused_on(DEVICE) is None and torch.isfinite(x.grad).all()
+        assert fused.kernels_for(x) is None and torch.isfinite(x.grad).all()
     finally:
-        functional._fused_on.cache_clear()  # the next test runs the real smoke test again
+        fused._kernels_on.cache_clear()  # the next test runs the real smoke test again
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")

@@ -1,10 +1,4 @@
-"""The layer's element-wise work as fused Triton kernels, for CUDA: ``qcnn-algorithm.md``
-sections 2.1 to 2.3 and the Gaussian model of section 3.
-
-On a GPU, a training step of the paper's small network is bound by the host: every torch
-operation costs some 30 µs of Python, dispatch and launch whatever its size, and the layer's
-norms, noise, cap, sampling and δ noise took about 45 of them per layer and step. Here the
-forward after the convolution is one kernel, and each gradient's δ noise one more:
+"""The fused Triton kernels and their wrappers (see :mod:`qcnn.fused`).
 
 - :func:`estimate_cap_sample`, one program per image: ‖A_p‖ as a window sum of x² (the
   im2col matrix is never written), ‖F_q‖, Ŷ = Y + 2ε‖A_p‖‖F_q‖ξ + bias (2.1), the capped
@@ -15,9 +9,9 @@ forward after the convolution is one kernel, and each gradient's δ noise one mo
 - :func:`gaussian_noise`: g + δ‖g‖₂ξ for each row of a gradient (3).
 
 Random numbers are Triton's Philox (``tl.randn``, ``tl.rand``) keyed by seeds that
-:func:`draw_seeds` takes from the layer's ``torch.Generator`` in one small launch, so a
-seeded run is reproducible. They are other numbers than torch's own operations draw: the
-distributions are the same, the streams are not.
+:func:`draw_seeds` takes from a ``torch.Generator`` in one small launch, so a seeded run is
+reproducible. They are other numbers than torch's own operations draw: the distributions
+are the same, the streams are not.
 
 Off a GPU the same kernels run in Triton's interpreter (``TRITON_INTERPRET=1`` before this
 module is imported), which is how the tests check them on CPU tensors.
@@ -38,13 +32,15 @@ from qcnn.sampling import n_samples
 _BLOCK = 1024
 # The seeds a layer draws per forward pass, by index: the estimation noise and the sampling
 # (read by the forward kernel as seeds 0 and 1), then the noise of ∂L/∂F and of ∂L/∂X.
-SEEDS = 4
+LAYER_SEEDS = 4
 WEIGHT_GRADIENT_SEED, INPUT_GRADIENT_SEED = 2, 3
 
 
-def draw_seeds(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """:data:`SEEDS` Philox keys from ``generator``, on ``device`` (no host-device sync)."""
-    return torch.randint(0, 2**62, (SEEDS,), generator=generator, device=device)
+def draw_seeds(
+    generator: torch.Generator | None, device: torch.device, count: int = LAYER_SEEDS
+) -> torch.Tensor:
+    """``count`` Philox keys from ``generator``, on ``device`` (no host-device sync)."""
+    return torch.randint(0, 2**62, (count,), generator=generator, device=device)
 
 
 def smoke_test(device: torch.device) -> None:
