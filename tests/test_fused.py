@@ -34,6 +34,13 @@ STRIDE, PADDING = (2, 1), (1, 0)
 EXACT = {"epsilon": 0.0, "sigma": None, "cap": math.inf, "delta": 0.0}
 
 
+@pytest.fixture(autouse=True)
+def float32_arithmetic(monkeypatch):
+    """Compared at float32 tolerance, so no TF32 in cuDNN's convolutions on a GPU (on by
+    default, unlike in matmuls): the layer's convolution and the reference's may differ."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
 @triton.jit
 def _philox_numbers(seeds_ptr, seed_index, out_ptr, count, EXPONENTIAL: tl.constexpr, BLOCK: tl.constexpr):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
