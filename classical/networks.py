@@ -1,31 +1,14 @@
 """Classical baselines: the authors' MNIST network and LeNet-5.
 
-Each network builds its convolution stages with a ``conv_block`` factory,
-``conv_block(in_channels, out_channels, kernel_size, padding=..., pooling=...)``, returning a
-module for conv + activation (+ pooling). The default is the classical block; passing a
-factory that returns ``qcnn.QConv2d`` turns the same network into a QCNN without copying it
-(see ``experiments.models``).
+They are plain PyTorch models; :func:`qcnn.convert` makes their QCNN versions (each
+conv → ReLU [→ pool] block becomes one ``QConv2d``), see ``experiments.models``.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import torch
 from torch import nn
 from torch.nn import functional as F
-
-
-class ConvBlock(Protocol):
-    def __call__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int,
-        *,
-        padding: int = 0,
-        pooling: str | None = None,
-    ) -> nn.Module: ...
 
 
 def conv_relu(
@@ -71,10 +54,10 @@ class AuthorsNet(TwoConvNet):
     Input (N, 1, 28, 28), output (N, 10) log-probabilities.
     """
 
-    def __init__(self, conv_block: ConvBlock = conv_relu) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.conv1 = conv_block(1, 5, 7)
-        self.conv2 = conv_block(5, 10, 7)
+        self.conv1 = conv_relu(1, 5, 7)
+        self.conv2 = conv_relu(5, 10, 7)
         self.fc1 = nn.Linear(2560, 300)
         self.fc2 = nn.Linear(300, 50)
         self.fc3 = nn.Linear(50, 10)
@@ -88,10 +71,10 @@ class LeNet5(TwoConvNet):
     -> fc 120 -> ReLU -> fc 84 -> ReLU -> fc 10 -> log-softmax.
     """
 
-    def __init__(self, conv_block: ConvBlock = conv_relu) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.conv1 = conv_block(1, 6, 5, padding=2, pooling="max")
-        self.conv2 = conv_block(6, 16, 5, pooling="max")
+        self.conv1 = conv_relu(1, 6, 5, padding=2, pooling="max")
+        self.conv2 = conv_relu(6, 16, 5, pooling="max")
         self.fc1 = nn.Linear(400, 120)
         self.fc2 = nn.Linear(120, 84)
         self.fc3 = nn.Linear(84, 10)

@@ -4,9 +4,10 @@ For each device and batch size: one training step (forward, backward, optimiser)
 authors' network as CNN, as QCNN in theory mode and as QCNN in authors mode, and the two
 conv blocks alone (forward + backward). On CUDA, the theory-mode QCNN also runs on torch
 operations instead of the fused kernels of ``qcnn.fused`` ("qcnn-theory-unfused"), to show
-what they save. Variants are timed in interleaved rounds so that machine noise hits them
-alike; the median step time of each is reported with its ratio to the classical one. This is
-a benchmark, not a test: nothing here asserts a speed.
+what they save. ``--compile`` adds the training step under ``torch.compile`` (CNN and
+theory-mode QCNN; the layers themselves stay eager). Variants are timed in interleaved
+rounds so that machine noise hits them alike; the median step time of each is reported with
+its ratio to the classical one. This is a benchmark, not a test: nothing here asserts a speed.
 """
 
 from __future__ import annotations
@@ -22,17 +23,23 @@ from torch.nn import functional as F
 from experiments.config import RunConfig
 from experiments.models import build_model, build_optimiser, qconv_layers
 
-# Each variant: the run's configuration, and layer options set on its QConv2d layers.
+# Each variant: the run's configuration, layer options set on its QConv2d layers, and whether
+# its training step runs through torch.compile (the QCNN layers stay eager, see qcnn.functional).
 VARIANTS = {
-    "cnn": (RunConfig(model="cnn"), {}),
-    "qcnn-theory": (RunConfig(model="qcnn", mode="theory"), {}),
-    "qcnn-authors": (RunConfig(model="qcnn", mode="authors"), {}),
+    "cnn": (RunConfig(model="cnn"), {}, False),
+    "qcnn-theory": (RunConfig(model="qcnn", mode="theory"), {}, False),
+    "qcnn-authors": (RunConfig(model="qcnn", mode="authors"), {}, False),
 }
-CUDA_VARIANTS = {"qcnn-theory-unfused": (RunConfig(model="qcnn", mode="theory"), {"fused": False})}
+CUDA_VARIANTS = {"qcnn-theory-unfused": (RunConfig(model="qcnn", mode="theory"), {"fused": False}, False)}
+COMPILED_VARIANTS = {
+    "cnn-compiled": (RunConfig(model="cnn"), {}, True),
+    "qcnn-theory-compiled": (RunConfig(model="qcnn", mode="theory"), {}, True),
+}
 
 
-def variants(device: torch.device) -> dict[str, tuple[RunConfig, dict]]:
-    return VARIANTS | CUDA_VARIANTS if device.type == "cuda" else VARIANTS
+def variants(device: torch.device, compiled: bool = False) -> dict[str, tuple[RunConfig, dict, bool]]:
+    chosen = VARIANTS | CUDA_VARIANTS if device.type == "cuda" else dict(VARIANTS)
+    return chosen | COMPILED_VARIANTS if compiled else chosen
 
 
 def _model(config: RunConfig, layer_options: dict, device: torch.device, generator: torch.Generator):
@@ -49,32 +56,34 @@ def _sync(device: torch.device) -> None:
 
 
 def _training_step(
-    config: RunConfig, layer_options: dict, device: torch.device, batch: int
+    config: RunConfig, layer_options: dict, compiled: bool, device: torch.device, batch: int
 ) -> Callable[[], None]:
     generator = torch.Generator(device).manual_seed(config.seed)
     model = _model(config, layer_options, device, generator)
     optimiser = build_optimiser(config, model, generator)
+    run = torch.compile(model) if compiled else model
     images = torch.randn(batch, 1, 28, 28, device=device, generator=generator)
     labels = torch.randint(0, 10, (batch,), device=device, generator=generator)
 
     def step() -> None:
         optimiser.zero_grad(set_to_none=True)
-        F.nll_loss(model(images), labels).backward()
+        F.nll_loss(run(images), labels).backward()
         optimiser.step()
 
     return step
 
 
 def _conv_blocks(
-    config: RunConfig, layer_options: dict, device: torch.device, batch: int
+    config: RunConfig, layer_options: dict, compiled: bool, device: torch.device, batch: int
 ) -> Callable[[], None]:
     generator = torch.Generator(device).manual_seed(config.seed)
     model = _model(config, layer_options, device, generator)
+    blocks = torch.nn.Sequential(*(qconv_layers(model).values() or (model.conv1, model.conv2)))
     images = torch.randn(batch, 1, 28, 28, device=device, generator=generator)
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
-        model.conv2(model.conv1(images)).sum().backward()
+        blocks(images).sum().backward()
 
     return step
 
@@ -110,8 +119,8 @@ def profile_steps(devices: list[torch.device], batch: int, steps: int = 10) -> N
     for device in devices:
         cuda = device.type == "cuda"
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        for name, (config, layer_options) in variants(device).items():
-            step = _training_step(config, layer_options, device, batch)
+        for name, variant in variants(device).items():
+            step = _training_step(*variant, device, batch)
             for _ in range(3):  # warm-up, as in time_interleaved
                 step()
             _sync(device)
@@ -143,17 +152,27 @@ def machine_description(device: torch.device) -> str:
 
 
 def run_bench(
-    devices: list[torch.device], batch_sizes: list[int], rounds: int = 15, repeat: int = 5
+    devices: list[torch.device],
+    batch_sizes: list[int],
+    rounds: int = 15,
+    repeat: int = 5,
+    compiled: bool = False,
 ) -> list[dict]:
-    """Time every variant; print and return one row per (device, batch, what, variant)."""
+    """Time every variant; print and return one row per (device, batch, what, variant).
+
+    With ``compiled``, the training step is also timed under ``torch.compile`` (CNN and
+    theory-mode QCNN), each against the eager CNN, so a slowdown shows."""
     rows = []
     print(f"torch {torch.__version__}; rounds={rounds}, steps per round={repeat}")
     for device in devices:
         print(f"\n== {device}: {machine_description(device)}")
-        print(f"{'batch':>5}  {'timed':<14} {'variant':<19} {'ms':>8}  {'ratio to cnn':>12}")
+        print(f"{'batch':>5}  {'timed':<14} {'variant':<21} {'ms':>8}  {'ratio to cnn':>12}")
         for batch in batch_sizes:
-            for what, make in (("training step", _training_step), ("conv blocks", _conv_blocks)):
-                steps = {name: make(*variant, device, batch) for name, variant in variants(device).items()}
+            for what, make, chosen in (
+                ("training step", _training_step, variants(device, compiled)),
+                ("conv blocks", _conv_blocks, variants(device)),
+            ):
+                steps = {name: make(*variant, device, batch) for name, variant in chosen.items()}
                 medians = time_interleaved(steps, device, rounds, repeat)
                 for name, seconds in medians.items():
                     ratio = seconds / medians["cnn"]
@@ -162,5 +181,5 @@ def run_bench(
                          "batch": batch, "timed": what, "variant": name,
                          "ms": seconds * 1e3, "ratio": ratio}
                     )  # fmt: skip
-                    print(f"{batch:>5}  {what:<14} {name:<19} {seconds * 1e3:>8.2f}  {ratio:>12.2f}")
+                    print(f"{batch:>5}  {what:<14} {name:<21} {seconds * 1e3:>8.2f}  {ratio:>12.2f}")
     return rows

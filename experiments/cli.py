@@ -119,7 +119,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.profile:
         profile_steps(devices, args.batch_sizes[0])
     else:
-        run_bench(devices, args.batch_sizes, args.rounds, args.repeat)
+        run_bench(devices, args.batch_sizes, args.rounds, args.repeat, args.compile)
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
@@ -193,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeat", type=int, default=5, help="steps per round")
     bench.add_argument("--cpu-only", action="store_true", help="skip CUDA even when present")
     bench.add_argument("--cuda-only", action="store_true", help="skip the CPU")
+    bench.add_argument("--compile", action="store_true",
+                       help="also time the training step under torch.compile (CNN and QCNN)")
     bench.add_argument("--profile", action="store_true",
                        help="instead of timing, profile 10 steps of each variant at the first batch size")
     bench.set_defaults(func=cmd_bench)

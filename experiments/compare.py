@@ -16,9 +16,10 @@ import torch
 
 from experiments.config import RunConfig
 from experiments.data import Mnist
-from experiments.models import build_model, quantum_copy
+from experiments.models import build_model
 from experiments.plots import plot_curves
 from experiments.train import evaluate, train_run
+from qcnn import convert
 
 LABELS = {"cnn": "CNN", "qcnn": "QCNN", "cnn-qcnn-test": "CNN train / QCNN test"}
 SUMMARY_FIELDS = ("model", "seed", "test_accuracy", "test_loss", "train_seconds")
@@ -45,7 +46,7 @@ def cnn_through_qcnn(
     """Test metrics of the trained CNN of ``run_dir`` with its conv blocks run as QConv2d."""
     cnn = load_trained(replace(config, model="cnn"), run_dir, device)
     generator = torch.Generator(device).manual_seed(config.seed)
-    quantum = quantum_copy(cnn, generator, **replace(config, model="qcnn").layer_options())
+    quantum = convert(cnn, generator=generator, **replace(config, model="qcnn").layer_options())
     images, labels = data.test_images[: config.test_limit], data.test_labels[: config.test_limit]
     return evaluate(quantum, images, labels, config.test_batch_size)
 

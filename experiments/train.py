@@ -13,6 +13,7 @@ import csv
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -41,11 +42,18 @@ def read_finished(out_dir: Path, config: RunConfig) -> dict | None:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int = 1000,
+    loss_fn: Callable[..., torch.Tensor] = F.nll_loss,
 ) -> dict:
-    """Test loss, accuracy and (QCNN) mean per-layer running-time accounting.
+    """Test loss, accuracy and (QCNN) mean per-layer running-time accounting, of any model.
 
-    The QCNN keeps its quantum forward pass (noise, cap, sampling) at test time.
+    The QCNN keeps its quantum forward pass (noise, cap, sampling) at test time: eval mode
+    does not switch the quantum layer's noise off, so one pass is one random draw of the
+    accuracy (average several, as ``python -m experiments evaluate --repeats`` does).
+    ``loss_fn(output, labels, reduction="sum")`` gives the test loss.
     """
     model.eval()
     layers = qconv_layers(model)
@@ -56,7 +64,7 @@ def evaluate(
     try:
         for x, y in batches(images, labels, batch_size):
             out = model(x)
-            loss_sum += F.nll_loss(out, y, reduction="sum").item()
+            loss_sum += loss_fn(out, y, reduction="sum").item()
             correct += (out.argmax(1) == y).sum().item()
             for name, layer in layers.items():
                 costs[name].append(layer.last_cost.as_dict())
@@ -76,6 +84,47 @@ def finite_mean(values: list[float]) -> float:
     """Mean of the finite values (a quantum cost is infinite where ε = 0); inf if none is."""
     finite = [v for v in values if math.isfinite(v)]
     return sum(finite) / len(finite) if finite else math.inf
+
+
+def train_epoch(
+    model: nn.Module,
+    optimiser: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int = 64,
+    *,
+    generator: torch.Generator | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.nll_loss,
+    log_every: int = 10,
+    on_log: Callable[[int, int, float], None] | None = None,
+    progress: bool = True,
+    desc: str = "training",
+) -> list[float]:
+    """One epoch of mini-batch training of any model; returns the loss of every
+    ``log_every``-th batch.
+
+    The batches are shuffled by ``generator`` (in order if None). ``loss_fn`` takes the
+    model's output and the labels (the default suits a log-softmax output, as the built-in
+    networks have; ``F.cross_entropy`` suits logits). ``on_log(batch index, batch size,
+    loss)`` is called for each logged batch, e.g. to write a curve as it goes.
+    """
+    model.train()
+    losses = []
+    bar = tqdm(
+        batches(images, labels, batch_size, generator), total=math.ceil(len(images) / batch_size),
+        desc=desc, disable=not progress, leave=False,
+    )  # fmt: skip
+    for index, (x, y) in enumerate(bar):
+        optimiser.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        optimiser.step()
+        if index % log_every == 0:
+            losses.append(loss.item())
+            if on_log is not None:
+                on_log(index, len(x), losses[-1])
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    return losses
 
 
 def train_run(
@@ -121,29 +170,21 @@ def _train(config: RunConfig, data: Mnist, out_dir: Path, device: torch.device, 
         writer.writeheader()
         writer.writerows(curve)
         handle.flush()
-        batches_per_epoch = math.ceil(len(train_x) / config.batch_size)
         for epoch in range(start_epoch, config.epochs):
+
+            def log(index: int, size: int, loss: float, epoch: int = epoch) -> None:
+                seen = epoch * len(train_x) + index * config.batch_size + size
+                row = {"epoch": epoch, "batch": index, "images_seen": seen, "loss": loss}
+                curve.append(row)
+                writer.writerow(row)
+                handle.flush()
+
             started = time.perf_counter()
-            model.train()
-            bar = tqdm(
-                batches(train_x, train_y, config.batch_size, order),
-                total=batches_per_epoch,
+            train_epoch(
+                model, optimiser, train_x, train_y, config.batch_size, generator=order,
+                log_every=config.log_every, on_log=log, progress=progress,
                 desc=f"{config.model} epoch {epoch + 1}/{config.epochs}",
-                disable=not progress,
-                leave=False,
-            )
-            for index, (x, y) in enumerate(bar):
-                optimiser.zero_grad(set_to_none=True)
-                loss = F.nll_loss(model(x), y)
-                loss.backward()
-                optimiser.step()
-                if index % config.log_every == 0:
-                    seen = epoch * len(train_x) + index * config.batch_size + len(x)
-                    row = {"epoch": epoch, "batch": index, "images_seen": seen, "loss": loss.item()}
-                    curve.append(row)
-                    writer.writerow(row)
-                    handle.flush()
-                    bar.set_postfix(loss=f"{row['loss']:.3f}")
+            )  # fmt: skip
             train_seconds = time.perf_counter() - started
             result = evaluate(model, test_x, test_y, config.test_batch_size)
             metrics["epochs"].append({"epoch": epoch + 1, "train_seconds": train_seconds, **result})

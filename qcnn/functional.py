@@ -14,6 +14,11 @@ computed exactly by ``convolution_backward``, then read out through the δ error
 On CUDA, the steps between the convolution and the output, and the δ noise, run as fused
 Triton kernels (:mod:`qcnn.fused`) where they apply: a training step there is bound by the
 number of operations launched, not by their size.
+
+``torch.compile`` stops at the layer's boundary (``torch.compiler.disable``): the layer runs
+eagerly, as it would without compile, and the rest of the model is compiled around it. Its
+work is compiled code already (numba, Triton), and its random draws must come from the
+layer's generator in its own order, which a traced copy would not keep.
 """
 
 from __future__ import annotations
@@ -66,12 +71,32 @@ def _fused_kernels(
     return None
 
 
-def _estimate_cap_sample(x, y, weight, bias, stride, padding, options, generator, record):
-    """Sections 2.1 to 2.3 in torch operations: (f sampled, the inner clamp's input or None)."""
+def _estimate(x, y, weight, stride, padding, options, generator):
+    """Section 2.1 in torch operations: (Ŷ without bias, ‖A_p‖‖F_q‖)."""
     kernel_norms = torch.linalg.vector_norm(weight.flatten(1), dim=1).view(1, -1, 1, 1)
     norms = patch_norms(x, weight.shape[2:], stride, padding, options.norms == "authors")
     scale = norms * kernel_norms
-    y_hat = estimate(y, scale, options, generator)
+    return estimate(y, scale, options, generator), scale
+
+
+def _sample(f, scale, options, generator, record, kernel_volume):
+    """Section 2.3 on f(Ŷ) (made in this pass, sampled in place), with the section 4
+    accounting handed to ``record`` if given."""
+    activations, distinct = f, None  # the accounting reads f(Ŷ) before sampling
+    if options.sigma is not None:
+        f = f.contiguous()  # sampled in place, so copied first if the accounting is on
+        activations = f.clone() if record is not None else None
+        distinct = sample_(f, options.sigma, options.sampling, generator)
+    if record is not None:
+        outputs = f[0].numel()
+        samples = outputs if distinct is None else n_samples(options.sigma, outputs)
+        record(layer_cost(scale, activations, distinct, samples, options.epsilon, options.cap, kernel_volume))
+    return f
+
+
+def _estimate_cap_sample(x, y, weight, bias, stride, padding, options, generator, record):
+    """Sections 2.1 to 2.3 in torch operations: (f sampled, the inner clamp's input or None)."""
+    y_hat, scale = _estimate(x, y, weight, stride, padding, options, generator)
     if bias is not None:
         y_hat = y_hat + bias.view(1, -1, 1, 1)
     # In-place steps below write only tensors made in this pass (y_hat may be y itself,
@@ -84,17 +109,7 @@ def _estimate_cap_sample(x, y, weight, bias, stride, padding, options, generator
             y = y + bias.view(1, -1, 1, 1)
         inner = y  # the inner clamp's input: its flat parts stop the gradient too
         f = (y.clamp(0, cap) + (y_hat - y)).clamp_(0, cap)
-    activations, distinct = f, None  # the accounting reads f(Ŷ) before sampling
-    if options.sigma is not None:
-        f = f.contiguous()  # sampled in place, so copied first if the accounting is on
-        activations = f.clone() if record is not None else None
-        distinct = sample_(f, options.sigma, options.sampling, generator)
-    if record is not None:
-        outputs = f[0].numel()
-        samples = outputs if distinct is None else n_samples(options.sigma, outputs)
-        volume = weight[0].numel()
-        record(layer_cost(scale, activations, distinct, samples, options.epsilon, cap, volume))
-    return f, inner
+    return _sample(f, scale, options, generator, record, weight[0].numel()), inner
 
 
 class _QConv2d(torch.autograd.Function):
@@ -119,23 +134,69 @@ class _QConv2d(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, out, inner = ctx.saved_tensors
-        stride, padding, has_bias = ctx.conv
         options = ctx.options
         # The gradient passes where 0 < out < C: sampled (else out = 0), not cut by the ReLU
         # and not capped. hardtanh's backward is exactly that gate, in one pass.
         grad_y = torch.ops.aten.hardtanh_backward(grad_out, out, 0.0, options.cap)
         if inner is not None:
             grad_y = torch.ops.aten.hardtanh_backward(grad_y, inner, 0.0, options.cap)
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad_y, x, weight, [weight.shape[0]] if has_bias else None,
-            stride, padding, (1, 1), False, (0, 0), 1, (need_x, need_w, need_b and has_bias),
-        )  # fmt: skip
-        if need_w:
-            grad_w = _read_out(grad_w, ctx, "weight")
-        if need_x:  # each image's ∂L/∂X is read out by its own tomography
-            grad_x = _read_out(grad_x, ctx, "input", rows=len(x))
-        return grad_x, grad_w, grad_b, None, None, None, None, None
+        return (*_conv_backward(ctx, grad_y, x, weight, ctx.conv[2]), None, None, None, None, None)
+
+
+class _Estimate(torch.autograd.Function):
+    """Section 2.1 alone, for a layer with classical terms between Ŷ and f (BatchNorm, a
+    residual shortcut): forward (Ŷ without bias, ‖A_p‖‖F_q‖), backward exact plus the δ model.
+    The gate of the cap and the sampling reaches it through :class:`_CapSample` and the
+    classical terms' own autograd."""
+
+    @staticmethod
+    def forward(ctx, x, weight, stride, padding, options, generator):
+        y = F.conv2d(x, weight, None, stride, padding)
+        y_hat, scale = _estimate(x, y, weight, stride, padding, options, generator)
+        ctx.save_for_backward(x, weight)
+        ctx.conv = (stride, padding)
+        ctx.options, ctx.generator, ctx.kernels = options, generator, None
+        ctx.mark_non_differentiable(scale)
+        return y_hat, scale
+
+    @staticmethod
+    def backward(ctx, grad_y_hat, _grad_scale):
+        x, weight = ctx.saved_tensors
+        grad_x, grad_w, _ = _conv_backward(ctx, grad_y_hat, x, weight, False)
+        return grad_x, grad_w, None, None, None, None
+
+
+class _CapSample(torch.autograd.Function):
+    """Sections 2.2 and 2.3 on the pre-activation z: f(z) sampled; backward gated where
+    0 < f < C, as in :class:`_QConv2d`."""
+
+    @staticmethod
+    def forward(ctx, z, scale, options, generator, record, kernel_volume):
+        f = _sample(z.clamp(0, options.cap), scale, options, generator, record, kernel_volume)
+        ctx.save_for_backward(f)
+        ctx.cap = options.cap
+        return f
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (out,) = ctx.saved_tensors
+        return torch.ops.aten.hardtanh_backward(grad_out, out, 0.0, ctx.cap), None, None, None, None, None
+
+
+def _conv_backward(ctx, grad_y, x, weight, has_bias):
+    """(∂L/∂X, ∂L/∂F, ∂L/∂b) from G = ∂L/∂Y, the first two read out through the δ model."""
+    stride, padding = ctx.conv[:2]
+    need_x, need_w = ctx.needs_input_grad[:2]
+    need_b = has_bias and ctx.needs_input_grad[2]
+    grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+        grad_y, x, weight, [weight.shape[0]] if has_bias else None,
+        stride, padding, (1, 1), False, (0, 0), 1, (need_x, need_w, need_b),
+    )  # fmt: skip
+    if need_w:
+        grad_w = _read_out(grad_w, ctx, "weight")
+    if need_x:  # each image's ∂L/∂X is read out by its own tomography
+        grad_x = _read_out(grad_x, ctx, "input", rows=len(x))
+    return grad_x, grad_w, grad_b
 
 
 def _read_out(gradient: torch.Tensor, ctx, which: str, rows: int = 1) -> torch.Tensor:
@@ -147,6 +208,7 @@ def _read_out(gradient: torch.Tensor, ctx, which: str, rows: int = 1) -> torch.T
     return noisy_gradient(gradient, options.delta, options.backprop, ctx.generator, rows)
 
 
+@torch.compiler.disable  # see the module docstring
 def qconv2d_with_options(
     input: torch.Tensor,
     weight: torch.Tensor,
@@ -156,20 +218,55 @@ def qconv2d_with_options(
     options: QConvOptions,
     generator: torch.Generator | None = None,
     record: CostRecorder | None = None,
+    norm: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    shortcut: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """:func:`qconv2d` with options already validated (what ``QConv2d.forward`` calls)."""
+    """:func:`qconv2d` with options already validated (what ``QConv2d.forward`` calls).
+
+    ``norm`` (a per-channel map such as ``nn.BatchNorm2d``) and ``shortcut`` (a tensor of
+    the convolution's output shape) are the classical terms applied to the estimate before
+    the non-linearity: f(norm(Ŷ + bias) + shortcut) is capped and sampled
+    (``docs/algorithm.md``, *Classical terms before the non-linearity*).
+    """
     check_input(input, weight, generator)
-    if options.backend == "torch":
-        out = _QConv2d.apply(input, weight, bias, _pair(stride), _pair(padding), options, generator, record)
+    stride, padding = _pair(stride), _pair(padding)
+    if norm is not None or shortcut is not None:
+        terms = (norm, shortcut)
+        out = _with_classical_terms(input, weight, bias, stride, padding, options, generator, record, *terms)
+    elif options.backend == "torch":
+        out = _QConv2d.apply(input, weight, bias, stride, padding, options, generator, record)
     else:
         from qcnn.backends.layer import circuit_qconv2d  # imports the circuit packages
 
-        out = circuit_qconv2d(input, weight, bias, _pair(stride), _pair(padding), options, generator)
+        out = circuit_qconv2d(input, weight, bias, stride, padding, options, generator)
     if options.pooling == "max":
         out = F.max_pool2d(out, options.pool_size)
     elif options.pooling == "avg":
         out = F.avg_pool2d(out, options.pool_size)
     return out
+
+
+def _with_classical_terms(x, weight, bias, stride, padding, options, generator, record, norm, shortcut):
+    """f(norm(Ŷ + bias) + shortcut), sampled: the estimate from :class:`_Estimate`, the
+    classical terms as torch operations (their own autograd), then :class:`_CapSample`."""
+    if options.backend != "torch":
+        raise ValueError(f"backend {options.backend!r} runs no BatchNorm or shortcut; use backend='torch'")
+    if options.cap_order != "theory":
+        raise ValueError(
+            "cap_order='authors' clamps the exact Y before adding the noise, which has no meaning "
+            "once a BatchNorm or a shortcut comes between them; use cap_order='theory'"
+        )
+    y_hat, scale = _Estimate.apply(x, weight, stride, padding, options, generator)
+    z = y_hat if bias is None else y_hat + bias.view(1, -1, 1, 1)
+    if norm is not None:
+        z = norm(z)
+    if shortcut is not None:
+        if shortcut.shape != z.shape:
+            raise ValueError(
+                f"shortcut has shape {tuple(shortcut.shape)}, the convolution's output {tuple(z.shape)}"
+            )
+        z = z + shortcut
+    return _CapSample.apply(z, scale, options, generator, record, weight[0].numel())
 
 
 def qconv2d(

@@ -8,8 +8,9 @@ by ``QConv2d`` is a one-line change.
 
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import replace
+from dataclasses import asdict, fields, replace
 
 import torch
 from torch import nn
@@ -18,6 +19,9 @@ from torch.nn.modules.utils import _pair
 from qcnn.cost import LayerCost
 from qcnn.functional import qconv2d_with_options
 from qcnn.options import QConvOptions
+
+log = logging.getLogger(__name__)
+_OPTION_NAMES = tuple(f.name for f in fields(QConvOptions))
 
 
 class QConv2d(nn.Module):
@@ -61,6 +65,7 @@ class QConv2d(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *self.kernel_size, **factory))
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
         self.generator = generator
+        self.norm: nn.BatchNorm2d | None = None
         self.track_cost = False
         self.last_cost: LayerCost | None = None
         self.reset_parameters()
@@ -74,14 +79,19 @@ class QConv2d(nn.Module):
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, **options) -> QConv2d:
-        """A QConv2d with a copy of ``conv``'s weights and bias (e.g. trained classically)."""
+        """A QConv2d with a copy of ``conv``'s weights and bias (e.g. trained classically).
+
+        It draws no initialisation, so building it leaves the global RNG as it was.
+        """
         if conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros":
             raise ValueError(
                 "from_conv needs groups=1, dilation=1 and padding_mode='zeros', got "
                 f"groups={conv.groups}, dilation={conv.dilation}, padding_mode={conv.padding_mode!r}"
             )
-        layer = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+        if isinstance(conv.padding, str):
+            raise ValueError(f"from_conv needs numeric padding, got padding={conv.padding!r}")
+        layer = nn.utils.skip_init(
+            cls, conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
             conv.bias is not None, device=conv.weight.device, dtype=conv.weight.dtype, **options,
         )  # fmt: skip
         with torch.no_grad():
@@ -92,21 +102,64 @@ class QConv2d(nn.Module):
 
     def configure(self, **options) -> None:
         """Change options in place (validated), e.g. ``layer.configure(sigma=0.2)``."""
-        self.options = replace(self.options, **options)
+        self.options = updated_options(self.options, options)
 
     def _store_cost(self, cost: LayerCost) -> None:
         self.last_cost = cost
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, shortcut: torch.Tensor | None = None) -> torch.Tensor:
         record = self._store_cost if self.track_cost else None
         return qconv2d_with_options(
             input, self.weight, self.bias, self.stride, self.padding,
-            self.options, self.generator, record,
+            self.options, self.generator, record, self.norm, shortcut,
         )  # fmt: skip
 
-    def extra_repr(self) -> str:
-        return (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-            f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}, "
-            f"{self.options.describe()}"
+    def get_extra_state(self) -> dict:
+        return {"options": asdict(self.options)}
+
+    def set_extra_state(self, state: dict) -> None:
+        saved = QConvOptions(**state["options"])
+        if saved != self.options:
+            changed = {
+                name: (getattr(self.options, name), getattr(saved, name))
+                for name in _OPTION_NAMES
+                if getattr(saved, name) != getattr(self.options, name)
+            }
+            log.warning(
+                "QConv2d: restoring the options saved in the state_dict (now, saved): %s", changed
+            )
+        self.options = saved
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        if prefix + "_extra_state" in missing_keys:  # saved without options: keep the layer's
+            missing_keys.remove(prefix + "_extra_state")
+
+    def extra_repr(self) -> str:
+        """The convolution's arguments, then the options that differ from their defaults,
+        as ``nn.Conv2d`` prints only what departs from its own."""
+        text = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}"
+        text += f", stride={self.stride}"
+        if self.padding != (0, 0):
+            text += f", padding={self.padding}"
+        if self.bias is None:
+            text += ", bias=False"
+        defaults = QConvOptions()
+        changed = [
+            f"{name}={getattr(self.options, name)!r}"
+            for name in _OPTION_NAMES
+            if getattr(self.options, name) != getattr(defaults, name)
+        ]
+        return ", ".join([text, *changed])
+
+
+def updated_options(options: QConvOptions, changes: dict) -> QConvOptions:
+    """``options`` with ``changes`` applied, validated; a ValueError names an unknown option."""
+    unknown = sorted(set(changes) - set(_OPTION_NAMES))
+    if unknown:
+        raise ValueError(f"unknown QConv2d option(s) {unknown}; the options are {list(_OPTION_NAMES)}")
+    return replace(options, **changes)

@@ -13,9 +13,9 @@ from classical import AuthorsNet, LeNet5
 from experiments import cli, train
 from experiments.compare import read_curve
 from experiments.config import RunConfig
-from experiments.models import build_model, qconv_block, quantum_copy
+from experiments.models import build_model
 from experiments.sweep import run_id
-from qcnn import QConv2d
+from qcnn import QConv2d, convert
 
 CPU = torch.device("cpu")
 TINY = RunConfig(train_limit=256, test_limit=200, epochs=1, batch_size=32, test_batch_size=100)
@@ -25,11 +25,12 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.mark.parametrize("network", [AuthorsNet, LeNet5])
 def test_networks_output_log_probabilities_classical_and_quantum(network):
     x = torch.randn(3, 1, 28, 28)
-    for net in (network(), network(qconv_block(torch.Generator().manual_seed(0)))):
+    quantum = convert(network(), generator=torch.Generator().manual_seed(0))
+    for net in (network(), quantum):
         out = net(x)
         assert out.shape == (3, 10)
         torch.testing.assert_close(out.exp().sum(1), torch.ones(3))
-    assert sum(isinstance(m, QConv2d) for m in network(qconv_block()).modules()) == 2
+    assert sum(isinstance(m, QConv2d) for m in quantum.modules()) == 2
 
 
 def test_authors_net_flattens_2560_features():
@@ -40,15 +41,16 @@ def test_cnn_and_qcnn_start_from_the_same_weights():
     g = torch.Generator().manual_seed(0)
     cnn = build_model(replace(TINY, model="cnn"), CPU, g)
     qcnn = build_model(replace(TINY, model="qcnn"), CPU, g)
+    assert isinstance(qcnn.conv1, QConv2d)  # the conv block Sequential(Conv2d, ReLU) replaced whole
     assert torch.equal(cnn.conv1[0].weight, qcnn.conv1.weight)
     assert torch.equal(cnn.conv2[0].bias, qcnn.conv2.bias)
     assert torch.equal(cnn.fc1.weight, qcnn.fc1.weight)
 
 
-def test_quantum_copy_in_the_exact_limit_reproduces_the_cnn():
+def test_converted_network_in_the_exact_limit_reproduces_the_cnn():
     torch.manual_seed(0)
     cnn = AuthorsNet()
-    quantum = quantum_copy(cnn, epsilon=0.0, sigma=None, cap=float("inf"), delta=0.0)
+    quantum = convert(cnn, epsilon=0.0, sigma=None, cap=float("inf"), delta=0.0)
     x = torch.randn(4, 1, 28, 28)
     torch.testing.assert_close(quantum(x), cnn(x))
 
