@@ -1,4 +1,5 @@
-"""Command line: ``python -m experiments {compare,bench} ...`` (also the ``qcnn`` script)."""
+"""Command line: ``python -m experiments {compare,sweep,evaluate,validate,bench} ...`` (also the
+``qcnn`` script)."""
 
 from __future__ import annotations
 
@@ -135,6 +136,25 @@ def cmd_validate(args: argparse.Namespace) -> None:
                  args.seed, Path(args.out))  # fmt: skip
 
 
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from experiments.data import load_mnist
+    from experiments.evaluate import format_summary, run_evaluate
+
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
+    device = resolve_device(args.device)
+    data = load_mnist(args.data_dir, device, train_limit=1)
+    print(f"evaluate: {args.checkpoint} on {device}, {args.repeats} passes per point, results in {args.out}")
+    try:
+        rows = run_evaluate(Path(args.checkpoint), args.epsilon, args.sigma, args.cap, args.repeats, data,
+                            device, args.seed, Path(args.out), not args.no_progress)  # fmt: skip
+    except ValueError as error:
+        raise SystemExit(f"evaluate: {error}") from error
+    print()
+    print(format_summary(rows))
+    print(f"\nevaluate.csv and accuracy_vs_epsilon.png in {args.out}")
+
+
 def sweep_configs(args: argparse.Namespace) -> list[RunConfig]:
     """The runs a ``sweep`` command line asks for: grid axes, preset or config file, × seeds."""
     import json
@@ -211,6 +231,20 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", default="runs/sweep", help="result store (resumable)")
     add_run_options(sweep, grid=True)
     sweep.set_defaults(func=cmd_sweep)
+
+    evaluate = sub.add_parser("evaluate", help="a trained network through the QCNN forward, over a grid")
+    evaluate.add_argument("checkpoint", help="a run folder or its checkpoint.pt, of a CNN or a QCNN")
+    evaluate.add_argument("--epsilon", type=float, nargs="+", default=[0.0, 0.01, 0.1], help="errors ε")
+    evaluate.add_argument("--sigma", type=optional_float, nargs="+", default=[DEFAULTS.sigma],
+                          help="sampling ratios σ ('none': no sampling)")  # fmt: skip
+    evaluate.add_argument("--cap", type=float, nargs="+", default=[DEFAULTS.cap], help="ReLU caps C")
+    evaluate.add_argument("--repeats", type=int, default=5, help="passes over the test set per point")
+    evaluate.add_argument("--seed", type=int, default=1, help="seed of the layers' randomness")
+    evaluate.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    evaluate.add_argument("--data-dir", default=None, help="folder with the MNIST IDX files")
+    evaluate.add_argument("--out", default="runs/evaluate")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
+    evaluate.set_defaults(func=cmd_evaluate)
 
     from experiments.validate import DEFAULT_BACKENDS
 

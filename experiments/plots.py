@@ -1,4 +1,5 @@
-"""Figures in the style of the paper: loss against training images seen, rolling mean of 12."""
+"""Figures in the style of the paper: loss against training images seen (rolling mean of 12),
+and test accuracy against an option (σ for sweeps, ε for ``evaluate``)."""
 
 from __future__ import annotations
 
@@ -44,8 +45,11 @@ def plot_curves(curves: dict[str, list[list[dict]]], path: Path, title: str = ""
     plt.close(fig)
 
 
-def plot_accuracy_vs_sigma(series: dict[str, list[tuple[float, float, float]]], path: Path) -> None:
-    """Final test accuracy against σ, one line per label, error bars = std over seeds."""
+def plot_accuracy(
+    series: dict[str, list[tuple[float, float, float]]], path: Path, xlabel: str = "sampling ratio σ"
+) -> None:
+    """Test accuracy (x, mean, std) against an option, one line per label, error bars = std
+    (over seeds, or over repeated passes)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, points in series.items():
         points = sorted(points)
@@ -53,7 +57,7 @@ def plot_accuracy_vs_sigma(series: dict[str, list[tuple[float, float, float]]], 
             [p[0] for p in points], [100 * p[1] for p in points], yerr=[100 * p[2] for p in points],
             marker="o", capsize=3, label=label,
         )  # fmt: skip
-    ax.set_xlabel("sampling ratio σ")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

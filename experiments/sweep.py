@@ -30,7 +30,7 @@ import torch
 from experiments.compare import read_curve
 from experiments.config import OVERRIDES, RunConfig
 from experiments.files import RunLocked
-from experiments.plots import plot_accuracy_vs_sigma, plot_curves
+from experiments.plots import plot_accuracy, plot_curves
 from experiments.train import finite_mean, read_finished
 
 # The authors' grid (spec section 6): 2 × 2 × 5 × 2 = 40 QCNN configurations, plus the CNN.
@@ -239,7 +239,7 @@ def write_reports(out: Path) -> list[dict]:
             label = f"ε={entry['epsilon']:g}, C={entry['cap']:g}, δ={entry['delta']:g} ({variant(entry)})"
             series[label].append((entry["sigma"], entry["accuracy_mean"], entry["accuracy_std"]))
     if series:
-        plot_accuracy_vs_sigma(series, out / "accuracy_vs_sigma.png")
+        plot_accuracy(series, out / "accuracy_vs_sigma.png")
     cnn_runs = [read_curve(out / "runs" / r["run"] / "curve.csv") for r in rows if r["model"] == "cnn"]
     figures: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for row in rows:

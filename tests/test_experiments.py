@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from dataclasses import replace
 
 import pytest
@@ -177,3 +178,40 @@ def test_norms_and_cap_order_override_the_mode_for_one_option():
     # this is the id of the CNN run of the paper preset, seed 1, made before they existed
     assert "norms" not in RunConfig().as_dict() and RunConfig(cap_order="authors").as_dict()["cap_order"]
     assert run_id(RunConfig(model="cnn", cap=2.0, sigma=0.1)) == "cnn_authors_e2_nall_seed1_59345bc6"
+
+
+def test_evaluate_runs_a_cnn_checkpoint_through_the_qcnn_at_each_grid_point(mnist_small, tmp_path):
+    from experiments.evaluate import run_evaluate
+
+    config = replace(TINY, model="cnn")
+    cnn = train.train_run(config, mnist_small, tmp_path / "cnn", CPU, progress=False)
+    rows = run_evaluate(tmp_path / "cnn", [0.0, 0.5], [None, 0.3], [math.inf], 2, mnist_small, CPU, 1,
+                        tmp_path / "eval", progress=False)  # fmt: skip
+    assert len(rows) == 2 * 2 * 2
+    exact = [r["test_accuracy"] for r in rows if r["epsilon"] == 0.0 and r["sigma"] is None]
+    assert exact == [cnn["test_accuracy"]] * 2  # the exact limit is the CNN, pass after pass
+    noisy = [r["test_accuracy"] for r in rows if r["epsilon"] == 0.5 and r["sigma"] == 0.3]
+    assert noisy[0] != noisy[1]  # the quantum layer stays noisy in eval mode
+    assert (tmp_path / "eval" / "accuracy_vs_epsilon.png").read_bytes().startswith(PNG_MAGIC)
+    with open(tmp_path / "eval" / "evaluate.csv") as handle:
+        assert len(list(csv.DictReader(handle))) == 8
+    with pytest.raises(SystemExit, match="evaluate: no checkpoint at"):
+        cli.main(["evaluate", str(tmp_path / "missing"), "--device", "cpu", "--out", str(tmp_path / "e")])
+
+
+def test_readme_recipe_trains_a_converted_model_with_the_python_api(mnist_small):
+    from experiments.train import evaluate, train_epoch
+
+    torch.manual_seed(0)
+    cnn = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 5), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(), torch.nn.Linear(8 * 12 * 12, 10),
+    )  # fmt: skip
+    model = convert(cnn, sigma=0.5, generator=torch.Generator().manual_seed(0))
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.05)
+    data = mnist_small
+    losses = train_epoch(model, optimiser, data.train_images, data.train_labels, 64,
+                         loss_fn=torch.nn.functional.cross_entropy, progress=False)  # fmt: skip
+    assert losses[-1] < losses[0]
+    accuracy = evaluate(model, data.test_images, data.test_labels, loss_fn=torch.nn.functional.cross_entropy)
+    assert accuracy["test_accuracy"] > 0.5 and set(accuracy["cost"]) == {"0"}

@@ -1,0 +1,102 @@
+"""A trained network through the QCNN forward pass at a grid of options (``evaluate``).
+
+The quantum layer is noisy in eval mode too (its estimation and sampling are what it is), so
+one pass over the test set is one random draw of the accuracy. Each (ε, σ, C) is evaluated
+``repeats`` times with the layers' generator running on, and reported as mean ± std over the
+passes. A CNN checkpoint is made quantum by :func:`qcnn.convert` (the authors' "CNN train /
+QCNN test"); a QCNN checkpoint keeps its mode's options and gets the grid's ε, σ and C by
+:func:`qcnn.configure`.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import statistics
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from experiments.config import RunConfig
+from experiments.data import Mnist
+from experiments.models import build_model
+from experiments.plots import plot_accuracy
+from experiments.train import evaluate
+from qcnn import configure, convert
+
+FIELDS = ("epsilon", "sigma", "cap", "repeat", "test_accuracy", "test_loss")
+
+
+def load_checkpoint(
+    path: Path, device: torch.device, generator: torch.Generator
+) -> tuple[RunConfig, torch.nn.Module]:
+    """The run configuration and trained network of a run folder or its ``checkpoint.pt``."""
+    file = path / "checkpoint.pt" if path.is_dir() else path
+    if not file.is_file():
+        raise ValueError(f"no checkpoint at {file} (give a run folder or its checkpoint.pt)")
+    state = torch.load(file, map_location=device, weights_only=False)
+    config = RunConfig.from_dict(state["config"])
+    model = build_model(config, device, generator)
+    model.load_state_dict(state["model"])
+    return config, model
+
+
+def run_evaluate(
+    checkpoint: Path,
+    epsilons: list[float],
+    sigmas: list[float | None],
+    caps: list[float],
+    repeats: int,
+    data: Mnist,
+    device: torch.device,
+    seed: int,
+    out: Path,
+    progress: bool = True,
+) -> list[dict]:
+    """Evaluate every grid point ``repeats`` times; write ``evaluate.csv`` (one row per pass)
+    and ``accuracy_vs_epsilon.png`` into ``out``; return the rows."""
+    generator = torch.Generator(device).manual_seed(seed)
+    config, model = load_checkpoint(checkpoint, device, generator)
+    if config.model == "cnn":
+        model = convert(model, generator=generator, **replace(config, model="qcnn").layer_options())
+    images, labels = data.test_images[: config.test_limit], data.test_labels[: config.test_limit]
+    grid = list(itertools.product(epsilons, sigmas, caps))
+    rows = []
+    for epsilon, sigma, cap in tqdm(grid, desc="evaluate", disable=not progress):
+        configure(model, epsilon=epsilon, sigma=sigma, cap=cap)
+        for repeat in range(repeats):
+            result = evaluate(model, images, labels, config.test_batch_size)
+            point = {"epsilon": epsilon, "sigma": sigma, "cap": cap, "repeat": repeat}
+            rows.append({**point, "test_accuracy": result["test_accuracy"], "test_loss": result["test_loss"]})
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "evaluate.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    series: dict[str, list[tuple[float, float, float]]] = {}
+    for (epsilon, sigma, cap), mean, std, _ in summarise(rows):
+        label = f"σ={sigma}" + (f", C={cap:g}" if len(caps) > 1 else "")
+        series.setdefault(label, []).append((epsilon, mean, std))
+    plot_accuracy(series, out / "accuracy_vs_epsilon.png", xlabel="inner-product error ε")
+    return rows
+
+
+def summarise(rows: list[dict]) -> list[tuple[tuple, float, float, int]]:
+    """((ε, σ, C), mean accuracy, std over passes, passes) per grid point, in the grid's order."""
+    points: dict[tuple, list[float]] = {}
+    for row in rows:
+        points.setdefault((row["epsilon"], row["sigma"], row["cap"]), []).append(row["test_accuracy"])
+    return [
+        (key, statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values))
+        for key, values in points.items()
+    ]
+
+
+def format_summary(rows: list[dict]) -> str:
+    lines = [f"{'epsilon':>8} {'sigma':>6} {'cap':>6} {'passes':>6}  test accuracy %"]
+    for (epsilon, sigma, cap), mean, std, passes in summarise(rows):
+        accuracy = f"{100 * mean:.2f} ± {100 * std:.2f}"
+        lines.append(f"{epsilon:>8g} {str(sigma):>6} {cap:>6g} {passes:>6}  {accuracy}")
+    return "\n".join(lines)
