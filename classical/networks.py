@@ -47,7 +47,7 @@ class TwoConvNet(nn.Module):
 
 
 class AuthorsNet(TwoConvNet):
-    """The network of Kerenidis, Landman and Prakash's MNIST experiment (spec section 6).
+    """The network of Kerenidis, Landman and Prakash's MNIST experiment (`docs/algorithm.md` §6).
 
     conv 1->5 (7x7) -> act -> conv 5->10 (7x7) -> act -> flatten (10*16*16 = 2560)
     -> fc 300 -> ReLU -> fc 50 -> ReLU -> fc 10 -> log-softmax. No pooling.

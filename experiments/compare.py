@@ -1,4 +1,4 @@
-"""The MNIST quantum-vs-classical comparison (spec section 6).
+"""The MNIST quantum-vs-classical comparison (`docs/algorithm.md` §6).
 
 For each seed: the CNN and the QCNN with identical initial weights and data order, then the
 trained CNN evaluated through the QCNN forward pass (the authors' "CNN train / QCNN test").

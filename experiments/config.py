@@ -1,4 +1,4 @@
-"""One experiment run as plain data: every default reproduces the paper (spec section 6)."""
+"""One experiment run as plain data: every default reproduces the paper (`docs/algorithm.md` §6)."""
 
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ from experiments.files import RunLocked
 from experiments.plots import plot_accuracy, plot_curves
 from experiments.train import finite_mean, read_finished
 
-# The authors' grid (spec section 6): 2 × 2 × 5 × 2 = 40 QCNN configurations, plus the CNN.
+# The authors' grid (docs/algorithm.md §6): 2 × 2 × 5 × 2 = 40 QCNN configurations, plus the CNN.
 PAPER_GRID = {
     "epsilon": [0.01, 0.1],
     "cap": [2.0, 10.0],

@@ -1,4 +1,4 @@
-"""Training and evaluation of one run, as the authors did it (spec section 6).
+"""Training and evaluation of one run, as the authors did it (`docs/algorithm.md` §6).
 
 A run writes into its folder as it goes: ``curve.csv`` (mini-batch loss every
 ``log_every`` batches against training images seen, the authors' x-axis), ``metrics.json``

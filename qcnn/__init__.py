@@ -1,6 +1,6 @@
 """Quantum convolutional neural networks (Kerenidis, Landman, Prakash, ICLR 2020) in PyTorch.
 
-The specification is ``qcnn-algorithm.md``; :class:`QConv2d` is the layer,
+The specification is ``docs/algorithm.md``; :class:`QConv2d` is the layer,
 :func:`qcnn.functional.qconv2d` its functional form, :class:`QuantumSGD` and
 :func:`add_gradient_noise` the optimiser-level quantum gradient error, :func:`convert`
 turns a classical model's conv → ReLU patterns into ``QConv2d`` layers and :func:`configure`

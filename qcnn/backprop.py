@@ -1,4 +1,4 @@
-"""Quantum backpropagation error models, ``qcnn-algorithm.md`` section 3.
+"""Quantum backpropagation error models, ``docs/algorithm.md`` section 3.
 
 The quantum algorithm reads each gradient out by ℓ∞ tomography with precision δ: every entry
 of the estimate g̃ satisfies |g̃ − g| <= δ‖g‖₂ (with high probability). Models:

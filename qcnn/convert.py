@@ -1,7 +1,7 @@
 """Turn a user's CNN into a QCNN: :func:`convert` and :func:`configure`.
 
 A quantum layer stands for a convolution whose output goes through a ReLU-like
-non-linearity (``docs/algorithm.md``, *The layer in any model*). :func:`convert` finds each
+non-linearity (``docs/algorithm.md``, *Classical terms before the non-linearity*). :func:`convert` finds each
 
     Conv2d → [BatchNorm2d] → [+ shortcut] → ReLU | ReLU6 | Hardtanh(0, C) → [Max/AvgPool2d]
 

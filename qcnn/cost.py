@@ -1,4 +1,4 @@
-"""Running-time accounting, ``qcnn-algorithm.md`` section 4.
+"""Running-time accounting, ``docs/algorithm.md`` section 4.
 
 Per layer and per image, with K = D'H'W' outputs and kernel volume D·h·w:
 

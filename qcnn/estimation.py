@@ -1,4 +1,4 @@
-"""Inner-product estimation, ``qcnn-algorithm.md`` section 2.1.
+"""Inner-product estimation, ``docs/algorithm.md`` section 2.1.
 
 Every output Y[p, q] = <A_p, F_q> of the convolution is read from a Hadamard test on
 (|0>|A_p> + |1>|F_q>)/√2, whose outcome 0 has probability P = (1 + <A_p|F_q>)/2. The error

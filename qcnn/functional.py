@@ -1,4 +1,4 @@
-"""The QCNN layer as a function: ``qcnn-algorithm.md`` sections 1 to 3.
+"""The QCNN layer as a function: ``docs/algorithm.md`` sections 1 to 3.
 
 Forward, per image and vectorised over the batch:
   Y = conv2d(X, K)                         (section 1, the matrix product A F)

@@ -1,4 +1,4 @@
-"""``QConv2d``: the QCNN layer as a drop-in ``nn.Module`` (``qcnn-algorithm.md`` sections 1-4).
+"""``QConv2d``: the QCNN layer as a drop-in ``nn.Module`` (``docs/algorithm.md`` sections 1-4).
 
 It owns the kernels and bias like ``nn.Conv2d`` (same shapes, same initialisation), holds the
 validated :class:`~qcnn.options.QConvOptions`, and its forward calls

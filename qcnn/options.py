@@ -1,6 +1,6 @@
 """The options of one QCNN layer, validated once, with the defaults in one place.
 
-Defaults follow the theory of ``qcnn-algorithm.md``; every place where the authors'
+Defaults follow the theory of ``docs/algorithm.md``; every place where the authors'
 simulation differs has an option that reproduces it (``norms="authors"``,
 ``cap_order="authors"``, and ``backprop="exact"`` with :class:`qcnn.QuantumSGD`).
 """

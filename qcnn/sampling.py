@@ -1,4 +1,4 @@
-"""Capped ReLU and quantum sampling, ``qcnn-algorithm.md`` sections 2.2 and 2.3.
+"""Capped ReLU and quantum sampling, ``docs/algorithm.md`` sections 2.2 and 2.3.
 
 The layer measures the amplitude-encoded outputs ⌊σK⌋ times per image (K = D'H'W'); each
 measurement returns one position with probability ∝ f(Ŷ) (or ∝ f(Ŷ)²). Positions seen keep

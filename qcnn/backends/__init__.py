@@ -1,4 +1,4 @@
-"""Circuit backends, chosen by name (``qcnn-algorithm.md`` section 5).
+"""Circuit backends, chosen by name (``docs/algorithm.md`` section 5).
 
 Every backend runs the same three primitives on states prepared by
 :mod:`qcnn.backends.circuits`:

@@ -1,4 +1,4 @@
-"""The states and operators that the circuit backends prepare (``qcnn-algorithm.md`` §2.1, §5).
+"""The states and operators that the circuit backends prepare (``docs/algorithm.md`` §2.1, §5).
 
 Hadamard test on n + 1 qubits (ancilla = most significant qubit), as QRAM would prepare it:
 

@@ -1,4 +1,4 @@
-"""The layer's element-wise work as fused Triton kernels, for CUDA: ``qcnn-algorithm.md``
+"""The layer's element-wise work as fused Triton kernels, for CUDA: ``docs/algorithm.md``
 sections 2.1 to 2.3 and the Gaussian model of section 3.
 
 On a GPU, a training step of the paper's small network is bound by the host: every torch
