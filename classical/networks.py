@@ -1,4 +1,4 @@
-"""Classical baselines: the authors' MNIST network and LeNet-5.
+"""The two-convolution baselines: the authors' MNIST network and LeNet-5.
 
 They are plain PyTorch models; :func:`qcnn.convert` makes their QCNN versions (each
 conv → ReLU [→ pool] block becomes one ``QConv2d``), see ``experiments.models``.
@@ -79,5 +79,3 @@ class LeNet5(TwoConvNet):
         self.fc2 = nn.Linear(120, 84)
         self.fc3 = nn.Linear(84, 10)
 
-
-NETWORKS = {"authors": AuthorsNet, "lenet5": LeNet5}

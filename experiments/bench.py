@@ -23,23 +23,37 @@ from torch.nn import functional as F
 from experiments.config import RunConfig
 from experiments.models import build_model, build_optimiser, qconv_layers
 
-# Each variant: the run's configuration, layer options set on its QConv2d layers, and whether
-# its training step runs through torch.compile (the QCNN layers stay eager, see qcnn.functional).
-VARIANTS = {
-    "cnn": (RunConfig(model="cnn"), {}, False),
-    "qcnn-theory": (RunConfig(model="qcnn", mode="theory"), {}, False),
-    "qcnn-authors": (RunConfig(model="qcnn", mode="authors"), {}, False),
+# Each variant: the run's model and mode, layer options set on its QConv2d layers, and
+# whether its training step runs through torch.compile (the QCNN layers stay eager inside).
+Variant = tuple[dict, dict, bool]
+VARIANTS: dict[str, Variant] = {
+    "cnn": ({"model": "cnn"}, {}, False),
+    "qcnn-theory": ({"model": "qcnn", "mode": "theory"}, {}, False),
+    "qcnn-authors": ({"model": "qcnn", "mode": "authors"}, {}, False),
 }
-CUDA_VARIANTS = {"qcnn-theory-unfused": (RunConfig(model="qcnn", mode="theory"), {"fused": False}, False)}
-COMPILED_VARIANTS = {
-    "cnn-compiled": (RunConfig(model="cnn"), {}, True),
-    "qcnn-theory-compiled": (RunConfig(model="qcnn", mode="theory"), {}, True),
+CUDA_VARIANTS: dict[str, Variant] = {
+    "qcnn-theory-unfused": ({"model": "qcnn", "mode": "theory"}, {"fused": False}, False)
+}
+COMPILED_VARIANTS: dict[str, Variant] = {
+    "cnn-compiled": ({"model": "cnn"}, {}, True),
+    "qcnn-theory-compiled": ({"model": "qcnn", "mode": "theory"}, {}, True),
 }
 
 
-def variants(device: torch.device, compiled: bool = False) -> dict[str, tuple[RunConfig, dict, bool]]:
+def variants(
+    device: torch.device, net: str = "authors", compiled: bool = False
+) -> dict[str, tuple[RunConfig, dict, bool]]:
+    """Each variant's run configuration (``net`` with its training recipe), layer options and
+    compile flag."""
     chosen = VARIANTS | CUDA_VARIANTS if device.type == "cuda" else dict(VARIANTS)
-    return chosen | COMPILED_VARIANTS if compiled else chosen
+    if compiled:
+        chosen |= COMPILED_VARIANTS
+    return {
+        name: (RunConfig.for_net(net, **run), options, flag) for name, (run, options, flag) in chosen.items()
+    }
+
+
+TWO_CONV_NETS = ("authors", "lenet5")  # whose conv blocks are timed alone too
 
 
 def _model(config: RunConfig, layer_options: dict, device: torch.device, generator: torch.Generator):
@@ -107,7 +121,7 @@ def time_interleaved(
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def profile_steps(devices: list[torch.device], batch: int, steps: int = 10) -> None:
+def profile_steps(devices: list[torch.device], batch: int, net: str = "authors", steps: int = 10) -> None:
     """Print where one training step of each variant spends its time (torch profiler).
 
     On CUDA it also prints the GPU kernels launched per step and the GPU time they take: a
@@ -119,7 +133,7 @@ def profile_steps(devices: list[torch.device], batch: int, steps: int = 10) -> N
     for device in devices:
         cuda = device.type == "cuda"
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        for name, variant in variants(device).items():
+        for name, variant in variants(device, net).items():
             step = _training_step(*variant, device, batch)
             for _ in range(3):  # warm-up, as in time_interleaved
                 step()
@@ -129,7 +143,8 @@ def profile_steps(devices: list[torch.device], batch: int, steps: int = 10) -> N
                     step()
                 _sync(device)
             events = profiler.key_averages()
-            print(f"\n== {device} ({machine_description(device)}), {name}, batch {batch}, {steps} steps")
+            where = f"{device} ({machine_description(device)}), {net} net"
+            print(f"\n== {where}, {name}, batch {batch}, {steps} steps")
             if cuda:
                 kernels = [e for e in events if e.device_type.name == "CUDA"]
                 count = sum(e.count for e in kernels) / steps
@@ -157,21 +172,24 @@ def run_bench(
     rounds: int = 15,
     repeat: int = 5,
     compiled: bool = False,
+    net: str = "authors",
 ) -> list[dict]:
-    """Time every variant; print and return one row per (device, batch, what, variant).
+    """Time every variant of ``net``; print and return one row per (device, batch, what,
+    variant).
 
     With ``compiled``, the training step is also timed under ``torch.compile`` (CNN and
-    theory-mode QCNN), each against the eager CNN, so a slowdown shows."""
+    theory-mode QCNN), each against the eager CNN, so a slowdown shows. The conv blocks
+    alone are timed for the two-convolution nets (authors, lenet5)."""
     rows = []
-    print(f"torch {torch.__version__}; rounds={rounds}, steps per round={repeat}")
+    print(f"torch {torch.__version__}; {net} net; rounds={rounds}, steps per round={repeat}")
     for device in devices:
         print(f"\n== {device}: {machine_description(device)}")
         print(f"{'batch':>5}  {'timed':<14} {'variant':<21} {'ms':>8}  {'ratio to cnn':>12}")
         for batch in batch_sizes:
-            for what, make, chosen in (
-                ("training step", _training_step, variants(device, compiled)),
-                ("conv blocks", _conv_blocks, variants(device)),
-            ):
+            timed = [("training step", _training_step, variants(device, net, compiled))]
+            if net in TWO_CONV_NETS:
+                timed.append(("conv blocks", _conv_blocks, variants(device, net)))
+            for what, make, chosen in timed:
                 steps = {name: make(*variant, device, batch) for name, variant in chosen.items()}
                 medians = time_interleaved(steps, device, rounds, repeat)
                 for name, seconds in medians.items():

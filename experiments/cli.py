@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from experiments.config import RunConfig
+from classical import NETWORKS
+from experiments.config import OPTIMIZERS, RunConfig
 from experiments.files import RunLocked
 
 log = logging.getLogger("experiments")
@@ -47,14 +48,16 @@ def add_run_options(parser: argparse.ArgumentParser, grid: bool = False) -> None
         return {"nargs": "+", "default": [default]} if grid else {"default": default}
 
     group = parser.add_argument_group("training (defaults: the paper's)")
-    group.add_argument("--net", choices=("authors", "lenet5"), default=d.net, help="network")
+    group.add_argument("--net", choices=tuple(NETWORKS), default=d.net, help="network")
     group.add_argument("--epochs", type=int, default=d.epochs)
     group.add_argument("--train-limit", type=int, default=None, help="first N training images")
     group.add_argument("--test-limit", type=int, default=None, help="first N test images")
     group.add_argument("--batch-size", type=int, default=d.batch_size)
     group.add_argument("--test-batch-size", type=int, default=d.test_batch_size)
-    group.add_argument("--lr", type=float, default=d.lr)
-    group.add_argument("--momentum", type=float, default=d.momentum)
+    group.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
+                       help="default: the net's recipe (experiments.config.RECIPES; sgd for authors, lenet5)")
+    group.add_argument("--lr", type=float, default=None, help="default: the net's recipe (0.01 for authors)")
+    group.add_argument("--momentum", type=float, default=None, help="default: the net's recipe (0)")
     group = parser.add_argument_group("QCNN layer (see qcnn.QConvOptions)")
     group.add_argument("--epsilon", type=float, help="inner-product error ε", **axis(d.epsilon))
     group.add_argument("--cap", type=float, help="ReLU cap C ('inf' for none)", **axis(d.cap))
@@ -78,9 +81,10 @@ def add_run_options(parser: argparse.ArgumentParser, grid: bool = False) -> None
 
 
 def run_config(args: argparse.Namespace, **overrides) -> RunConfig:
+    """The run the options describe; optimizer, lr and momentum left unset take the net's recipe."""
     fields = RunConfig.__dataclass_fields__
     values = {name: getattr(args, name) for name in fields if hasattr(args, name)}
-    return RunConfig(**{**values, **overrides})
+    return RunConfig.for_net(**{**values, **overrides})
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -118,9 +122,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if torch.cuda.is_available() and not args.cpu_only:
         devices.append(torch.device("cuda"))
     if args.profile:
-        profile_steps(devices, args.batch_sizes[0])
+        profile_steps(devices, args.batch_sizes[0], args.net)
     else:
-        run_bench(devices, args.batch_sizes, args.rounds, args.repeat, args.compile)
+        run_bench(devices, args.batch_sizes, args.rounds, args.repeat, args.compile, args.net)
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
@@ -213,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeat", type=int, default=5, help="steps per round")
     bench.add_argument("--cpu-only", action="store_true", help="skip CUDA even when present")
     bench.add_argument("--cuda-only", action="store_true", help="skip the CPU")
+    bench.add_argument("--net", choices=tuple(NETWORKS), default="authors", help="network (with its recipe)")
     bench.add_argument("--compile", action="store_true",
                        help="also time the training step under torch.compile (CNN and QCNN)")
     bench.add_argument("--profile", action="store_true",

@@ -2,7 +2,9 @@
 
 For each seed: the CNN and the QCNN with identical initial weights and data order, then the
 trained CNN evaluated through the QCNN forward pass (the authors' "CNN train / QCNN test").
-Writes one folder per run, ``summary.csv`` and ``curves.png`` into the output folder.
+Writes one folder per run, named by its whole configuration (:func:`experiments.config.run_id`,
+so runs with other options never share a folder), ``summary.csv`` and ``curves.png`` into the
+output folder.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from experiments.config import RunConfig
+from experiments.config import RunConfig, run_id
 from experiments.data import Mnist
 from experiments.models import build_model
 from experiments.plots import plot_curves
@@ -67,13 +69,14 @@ def run_compare(
     for seed in seeds:
         for model in models:
             config = replace(base, model=model, seed=seed)
-            run_dir = out / f"{model}-seed{seed}"
+            run_dir = out / run_id(config)
             metrics = train_run(config, data, run_dir, device, progress)
             curves.setdefault(LABELS[model], []).append(read_curve(run_dir / "curve.csv"))
             rows.append({"model": model, "seed": seed, **{k: metrics[k] for k in SUMMARY_FIELDS[2:]}})
             print(f"  {LABELS[model]:<6} seed {seed}: test accuracy {100 * metrics['test_accuracy']:.2f} %")
         if "cnn" in models:
-            result = cnn_through_qcnn(replace(base, seed=seed), out / f"cnn-seed{seed}", data, device)
+            config = replace(base, seed=seed)
+            result = cnn_through_qcnn(config, out / run_id(replace(config, model="cnn")), data, device)
             accuracy, loss = result["test_accuracy"], result["test_loss"]
             rows.append(
                 {"model": "cnn-qcnn-test", "seed": seed, "train_seconds": 0.0,

@@ -8,7 +8,7 @@ from torch import nn
 
 from classical import NETWORKS
 from experiments.config import RunConfig
-from qcnn import QConv2d, QuantumSGD, convert
+from qcnn import QConv2d, QuantumSGD, add_gradient_noise, convert
 
 
 def build_model(config: RunConfig, device: torch.device, generator: torch.Generator) -> nn.Module:
@@ -26,13 +26,19 @@ def build_model(config: RunConfig, device: torch.device, generator: torch.Genera
 def build_optimiser(
     config: RunConfig, model: nn.Module, generator: torch.Generator
 ) -> torch.optim.Optimizer:
-    """Plain SGD; for the authors' QCNN, SGD with δ-noise on every gradient."""
-    if config.optimiser_delta > 0:
+    """SGD or Adam; for the authors' QCNN, with δ-noise on every gradient before each step."""
+    delta = config.optimiser_delta
+    if config.optimizer == "sgd" and delta > 0:
         return QuantumSGD(
-            model.parameters(), lr=config.lr, momentum=config.momentum,
-            delta=config.optimiser_delta, generator=generator,
+            model.parameters(), lr=config.lr, momentum=config.momentum, delta=delta, generator=generator
         )  # fmt: skip
-    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+    optimiser = torch.optim.Adam(model.parameters(), lr=config.lr)
+    if delta > 0:  # what QuantumSGD does for SGD, as a hook before each step
+        parameters = list(model.parameters())
+        optimiser.register_step_pre_hook(lambda *_: add_gradient_noise(parameters, delta, generator))
+    return optimiser
 
 
 def qconv_layers(model: nn.Module) -> dict[str, QConv2d]:

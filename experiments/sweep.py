@@ -13,7 +13,6 @@ The tables and plots are rebuilt from the store at the end, one row per run.
 from __future__ import annotations
 
 import csv
-import hashlib
 import itertools
 import json
 import statistics
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 
 from experiments.compare import read_curve
-from experiments.config import OVERRIDES, RunConfig
+from experiments.config import OVERRIDES, RunConfig, run_id
 from experiments.files import RunLocked
 from experiments.plots import plot_accuracy, plot_curves
 from experiments.train import finite_mean, read_finished
@@ -60,20 +59,6 @@ def expand_grid(
         for values in itertools.product(*(grid[n] for n in names)):
             configs.append(replace(base, model="qcnn", seed=seed, **dict(zip(names, values, strict=True))))
     return configs
-
-
-def run_id(config: RunConfig) -> str:
-    """A readable folder name, made unique by a short hash of the whole config."""
-    if config.model == "cnn":
-        parts = ["cnn", config.net]
-    else:
-        parts = [f"qcnn-{config.net}-{config.mode}", f"eps{config.epsilon:g}", f"C{config.cap:g}",
-                 f"sigma{config.sigma:g}" if config.sigma is not None else "nosampling",
-                 f"delta{config.delta:g}", config.estimator, config.sampling, config.backprop]  # fmt: skip
-        parts += [f"{name}-{getattr(config, name)}" for name in OVERRIDES if getattr(config, name)]
-    digest = hashlib.sha1(json.dumps(config.as_dict(), sort_keys=True).encode()).hexdigest()[:8]
-    parts += [f"e{config.epochs}", f"n{config.train_limit or 'all'}", f"seed{config.seed}", digest]
-    return "_".join(parts)
 
 
 _worker_device: str | None = None  # set in each process-pool worker by _claim_device

@@ -13,9 +13,8 @@ import torch
 from classical import AuthorsNet, LeNet5
 from experiments import cli, train
 from experiments.compare import read_curve
-from experiments.config import RunConfig
+from experiments.config import RunConfig, run_id
 from experiments.models import build_model
-from experiments.sweep import run_id
 from qcnn import QConv2d, convert
 
 CPU = torch.device("cpu")
@@ -109,7 +108,10 @@ def test_compare_cli_writes_every_output(tmp_path, mnist_raw_dir, capsys):
               "--seeds", "2", "--device", "cpu", "--no-progress", "--out", str(out)])  # fmt: skip
     printed = capsys.readouterr().out
     assert "CNN train / QCNN test" in printed and "test accuracy" in printed
-    for run in ("cnn-seed1", "cnn-seed2", "qcnn-seed1", "qcnn-seed2"):
+    runs = sorted(path.name for path in out.iterdir() if path.is_dir())
+    assert [run.split("_")[0] for run in runs] == ["cnn", "cnn", "qcnn-authors-theory", "qcnn-authors-theory"]
+    assert [run.split("_")[-2] for run in runs] == ["seed1", "seed2", "seed1", "seed2"]
+    for run in runs:
         metrics = json.loads((out / run / "metrics.json").read_text())
         assert metrics["finished"] and 0 <= metrics["test_accuracy"] <= 1
         assert (out / run / "curve.csv").read_text().startswith("epoch,batch,images_seen,loss")
@@ -118,6 +120,13 @@ def test_compare_cli_writes_every_output(tmp_path, mnist_raw_dir, capsys):
     expected = ["cnn", "cnn", "cnn-qcnn-test", "cnn-qcnn-test", "qcnn", "qcnn"]
     assert sorted(r["model"] for r in rows) == expected
     assert (out / "curves.png").read_bytes().startswith(PNG_MAGIC)
+    # Other options into the same --out: new folders, the finished runs untouched.
+    before = {run: (out / run / "metrics.json").read_bytes() for run in runs}
+    cli.main(["compare", "--model", "qcnn", "--sigma", "0.3", "--train-limit", "256", "--test-limit", "200",
+              "--epochs", "1", "--device", "cpu", "--no-progress", "--out", str(out)])  # fmt: skip
+    after = sorted(path.name for path in out.iterdir() if path.is_dir())
+    assert len(after) == 5 and any("sigma0.3" in run for run in after)
+    assert all((out / run / "metrics.json").read_bytes() == data for run, data in before.items())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
@@ -125,7 +134,7 @@ def test_compare_trains_both_models_on_cuda(tmp_path, mnist_raw_dir):
     out = tmp_path / "compare"
     cli.main(["compare", "--train-limit", "2000", "--test-limit", "500", "--epochs", "2",
               "--device", "cuda", "--no-progress", "--out", str(out)])  # fmt: skip
-    for run in ("cnn-seed1", "qcnn-seed1"):
+    for run in (path.name for path in out.iterdir() if path.is_dir()):
         metrics = json.loads((out / run / "metrics.json").read_text())
         assert metrics["finished"] and metrics["device"].startswith("cuda")
         losses = [point["loss"] for point in read_curve(out / run / "curve.csv")]

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from experiments import cli
-from experiments.config import RunConfig
+from experiments.config import RunConfig, run_id
 from experiments.files import RunLocked, run_lock
-from experiments.sweep import PAPER_GRID, expand_grid, run_id, run_sweep, worker_devices, write_reports
+from experiments.sweep import PAPER_GRID, expand_grid, run_sweep, worker_devices, write_reports
 from experiments.train import read_finished
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
