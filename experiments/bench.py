@@ -3,7 +3,7 @@
 For each device and batch size: one training step (forward, backward, optimiser) of the
 authors' network as CNN, as QCNN in theory mode and as QCNN in authors mode, and the two
 conv blocks alone (forward + backward). On CUDA, the theory-mode QCNN also runs on torch
-operations instead of the fused kernels of ``qcnn.fused`` ("qcnn-theory-unfused"), to show
+operations instead of the fused kernels of ``qcnn.accel.fused`` ("qcnn-theory-unfused"), to show
 what they save. ``--compile`` adds the training step under ``torch.compile`` (CNN and
 theory-mode QCNN; the layers themselves stay eager). Variants are timed in interleaved
 rounds so that machine noise hits them alike; the median step time of each is reported with

@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 
 from classical import NETWORKS
-from experiments.config import OPTIMIZERS, RunConfig
+from experiments.config import MODES, OPTIMIZERS, RunConfig
 from experiments.files import RunLocked
+from qcnn.options import BACKEND_DEVICES, BACKPROPS, CAP_ORDERS, ESTIMATORS, NORMS, SAMPLINGS, QConvOptions
 
 log = logging.getLogger("experiments")
 DEFAULTS = RunConfig()
@@ -63,16 +64,16 @@ def add_run_options(parser: argparse.ArgumentParser, grid: bool = False) -> None
     group.add_argument("--cap", type=float, help="ReLU cap C ('inf' for none)", **axis(d.cap))
     group.add_argument("--sigma", type=optional_float, help="sampling ratio σ, or 'none'", **axis(d.sigma))
     group.add_argument("--delta", type=float, help="gradient error δ", **axis(d.delta))
-    group.add_argument("--mode", choices=("theory", "authors"), default=d.mode,
+    group.add_argument("--mode", choices=MODES, default=d.mode,
                        help="theory: exact norms, f(Y+noise), δ in the layers' backward; "
                             "authors: the authors' simulation")  # fmt: skip
     group.add_argument("--estimator", default=d.estimator,
-                       choices=("exact", "gaussian", "shots", "amplitude-estimation"))  # fmt: skip
-    group.add_argument("--sampling", choices=("linear", "quadratic"), default=d.sampling)
-    group.add_argument("--backprop", choices=("exact", "gaussian", "tomography"), default=d.backprop)
-    group.add_argument("--norms", choices=("exact", "authors"), default=None,
+                       choices=ESTIMATORS)  # fmt: skip
+    group.add_argument("--sampling", choices=SAMPLINGS, default=d.sampling)
+    group.add_argument("--backprop", choices=BACKPROPS, default=d.backprop)
+    group.add_argument("--norms", choices=NORMS, default=None,
                        help="patch norms, overriding the mode's choice")  # fmt: skip
-    group.add_argument("--cap-order", choices=("theory", "authors"), default=None,
+    group.add_argument("--cap-order", choices=CAP_ORDERS, default=None,
                        help="f(Y+noise) or clamp(clamp(Y)+noise), overriding the mode's choice")  # fmt: skip
     group = parser.add_argument_group("where")
     group.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -134,6 +135,10 @@ def cmd_validate(args: argparse.Namespace) -> None:
     if args.bench:
         run_throughput(args.backends, args.backend_device, args.pairs, args.shots, args.seed)
         return
+    try:  # the layer's own checks of σ, C and the shots
+        QConvOptions(sigma=args.sigma, cap=args.cap, estimator="shots", shots=args.shots)
+    except ValueError as error:
+        raise SystemExit(f"validate: {error}") from error
     data = load_mnist(args.data_dir, "cpu", train_limit=1, test_limit=args.images)
     print(f"validate: {args.images} test images, backends {', '.join(args.backends)}, results in {args.out}")
     run_validate(data.test_images, args.backends, args.backend_device, args.shots, args.sigma, args.cap,
@@ -257,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--images", type=int, default=8, help="MNIST test images")
     validate.add_argument("--backends", nargs="+", default=DEFAULT_BACKENDS,
                           help="name or name:simulator; the first is the reference")  # fmt: skip
-    validate.add_argument("--backend-device", choices=("auto", "cpu", "gpu"), default="auto")
+    validate.add_argument("--backend-device", choices=BACKEND_DEVICES, default="auto")
     validate.add_argument("--shots", type=int, default=100, help="Hadamard-test shots per inner product")
     validate.add_argument("--sigma", type=float, default=0.5)
     validate.add_argument("--cap", type=float, default=10.0)

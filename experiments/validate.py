@@ -16,7 +16,6 @@ For each backend, on k MNIST test images:
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -27,7 +26,8 @@ from torch.nn import functional as F
 
 from experiments.files import atomic_write_text
 from qcnn.backends import get_backend, inner_products, sample_positions
-from qcnn.backends.layer import receptive_field_pairs
+from qcnn.backends.circuit_layer import receptive_field_pairs
+from qcnn.sampling import n_samples
 
 BINS = 10
 
@@ -74,7 +74,7 @@ def run_validate(
     a, f = a[keep], f[keep]
     exact = (a * f).sum(1) / (a.norm(dim=1) * f.norm(dim=1))
     values = F.conv2d(images, conv.weight, conv.bias).detach().clamp(0, cap).flatten(1)
-    samples = math.floor(sigma * values.shape[1])
+    samples = n_samples(sigma, values.shape[1])
     results, reference = [], None
     for spec in backends:
         backend = open_backend(spec, device)

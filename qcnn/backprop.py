@@ -11,7 +11,7 @@ of the estimate g̃ satisfies |g̃ − g| <= δ‖g‖₂ (with high probability
 A "vector" is one row of a (rows, d) view: the layer treats each image's ∂L/∂X as one
 vector and the whole kernel gradient ∂L/∂F as one. :func:`add_gradient_noise` and
 :class:`QuantumSGD` apply the Gaussian model to every parameter at the optimiser step,
-as the authors did (on CUDA by the fused kernel of :mod:`qcnn.fused`, one per parameter).
+as the authors did (on CUDA by the fused kernel of :mod:`qcnn.accel.fused`, one per parameter).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
-from qcnn import rng
-from qcnn.fused import kernels_for
+from qcnn.accel import rng
+from qcnn.accel.fused import kernels_for
 
 
 def noisy_gradient(
@@ -87,7 +87,7 @@ def add_gradient_noise(
 
     Call it between ``loss.backward()`` and ``optimizer.step()`` to add quantum gradient
     noise to any optimiser; :class:`QuantumSGD` does it for plain SGD. With ``fused_noise``
-    (and float32 gradients on CUDA, see :mod:`qcnn.fused`), one seed draw and one fused
+    (and float32 gradients on CUDA, see :mod:`qcnn.accel.fused`), one seed draw and one fused
     kernel per parameter replace the three or four torch operations of each.
     """
     if delta < 0:

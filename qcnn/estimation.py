@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from qcnn import rng
+from qcnn.accel import rng
 from qcnn.options import QConvOptions
 
 # Rows of outcome probabilities handled at once by the amplitude-estimation sampler,

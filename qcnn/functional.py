@@ -12,7 +12,7 @@ noise is a constant of the forward pass), then ∂L/∂F = AᵀG and ∂L/∂X =
 computed exactly by ``convolution_backward``, then read out through the δ error model.
 
 On CUDA, the steps between the convolution and the output, and the δ noise, run as fused
-Triton kernels (:mod:`qcnn.fused`) where they apply: a training step there is bound by the
+Triton kernels (:mod:`qcnn.accel.fused`) where they apply: a training step there is bound by the
 number of operations launched, not by their size.
 
 ``torch.compile`` stops at the layer's boundary (``torch.compiler.disable``): the layer runs
@@ -31,12 +31,12 @@ import torch
 from torch.nn import functional as F
 from torch.nn.modules.utils import _pair
 
-from qcnn import fused
+from qcnn.accel import fused
 from qcnn.backprop import noisy_gradient
 from qcnn.cost import LayerCost, layer_cost
 from qcnn.estimation import estimate, patch_norms
 from qcnn.options import QConvOptions
-from qcnn.sampling import n_samples, sample_
+from qcnn.sampling import capped_relu_, n_samples, sample_
 
 CostRecorder = Callable[[LayerCost], None]
 
@@ -64,7 +64,7 @@ def check_input(x: torch.Tensor, weight: torch.Tensor, generator: torch.Generato
 def _fused_kernels(
     x: torch.Tensor, weight: torch.Tensor, options: QConvOptions, record: CostRecorder | None
 ) -> ModuleType | None:
-    """:mod:`qcnn.fused.kernels` where they apply to this forward pass (see
+    """:mod:`qcnn.accel.fused.kernels` where they apply to this forward pass (see
     ``QConvOptions.fused``), else None."""
     if options.fused and options.estimator in ("exact", "gaussian") and record is None:
         return fused.kernels_for(x, weight)
@@ -101,14 +101,12 @@ def _estimate_cap_sample(x, y, weight, bias, stride, padding, options, generator
         y_hat = y_hat + bias.view(1, -1, 1, 1)
     # In-place steps below write only tensors made in this pass (y_hat may be y itself,
     # which the theory order no longer needs): fewer large temporaries, fewer page faults.
-    cap = options.cap
-    if options.cap_order == "theory":
-        f, inner = y_hat.clamp_(0, cap), None
-    else:  # the authors' clamp(clamp(Y) + noise)
+    inner = None
+    if options.cap_order == "authors":
         if bias is not None:
             y = y + bias.view(1, -1, 1, 1)
         inner = y  # the inner clamp's input: its flat parts stop the gradient too
-        f = (y.clamp(0, cap) + (y_hat - y)).clamp_(0, cap)
+    f = capped_relu_(y_hat, y, options.cap, options.cap_order)
     return _sample(f, scale, options, generator, record, weight[0].numel()), inner
 
 
@@ -236,7 +234,7 @@ def qconv2d_with_options(
     elif options.backend == "torch":
         out = _QConv2d.apply(input, weight, bias, stride, padding, options, generator, record)
     else:
-        from qcnn.backends.layer import circuit_qconv2d  # imports the circuit packages
+        from qcnn.backends.circuit_layer import circuit_qconv2d  # imports the circuit packages
 
         out = circuit_qconv2d(input, weight, bias, stride, padding, options, generator)
     if options.pooling == "max":

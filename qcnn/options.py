@@ -46,7 +46,7 @@ class QConvOptions:
         exact norms), on ``backend_device`` "auto", "cpu" or "gpu".
     fused: on CUDA, with Triton installed (torch's CUDA builds bring it), run the norms,
         estimation, cap and sampling, and the Gaussian δ noise, as fused Triton kernels
-        (:mod:`qcnn.fused`) for float32 input with the "gaussian" or "exact" estimator and
+        (:mod:`qcnn.accel.fused`) for float32 input with the "gaussian" or "exact" estimator and
         no cost tracking, once they pass a smoke test on the device (else a warning, and
         torch operations). False uses torch operations there too: the same distributions,
         other random numbers.

@@ -11,7 +11,7 @@ import torch
 from experiments import data
 
 if not torch.cuda.is_available():
-    # Triton's interpreter runs the fused kernels (qcnn.fused) on CPU tensors in
+    # Triton's interpreter runs the fused kernels (qcnn.accel.fused) on CPU tensors in
     # tests/test_fused.py. Triton reads this when the kernels are defined, at import.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

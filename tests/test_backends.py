@@ -150,9 +150,20 @@ def test_explicit_gpu_without_one_is_an_error(name):
 def test_auto_device_falls_back_with_a_notice(caplog):
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is present: auto does not fall back")
+    get_backend.cache_clear()
     with caplog.at_level("WARNING", logger="qcnn.backends"):
         assert "CPU" in get_backend("qiskit-aer", "auto").device
-    assert "running on the CPU" in caplog.text
+        assert get_backend("qiskit-aer", "auto") is get_backend("qiskit-aer", "auto")
+    assert caplog.text.count("running on the CPU") == 1  # once, not at every use
+
+
+def test_the_backend_table_names_every_allowed_backend():
+    from qcnn.backends import _CLASSES
+    from qcnn.options import BACKENDS
+
+    assert tuple(_CLASSES) == BACKENDS
+    with pytest.raises(ValueError, match="only be chosen for pennylane"):
+        get_backend("qiskit-aer", "cpu", "lightning.qubit")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")

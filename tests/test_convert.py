@@ -262,7 +262,7 @@ def test_torch_compile_after_an_eager_step_matches_eager(backend):
     torch.manual_seed(0)
     cnn = nn.Sequential(nn.Conv2d(1, 2, 7), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 22 * 22, 3))
     model = convert(cnn, epsilon=0.1, sigma=0.5, generator=generator(5))
-    # 16 images: enough noise draws (15,488) for the layer's compiled random numbers (qcnn.rng)
+    # 16 images: enough noise draws (15,488) for the layer's compiled random numbers (qcnn.accel.rng)
     x = torch.randn(16, 1, 28, 28, generator=generator(6))
     model(x).sum().backward()  # eager first: the order the crash needed
     compiled = torch.compile(model, backend=backend)

@@ -1,4 +1,4 @@
-"""The fused Triton kernels of ``qcnn.fused`` against the torch operations they replace.
+"""The fused Triton kernels of ``qcnn.accel.fused`` against the torch operations they replace.
 
 With CUDA they run compiled on the GPU; without it, in Triton's interpreter on CPU tensors
 (``tests/conftest.py`` sets ``TRITON_INTERPRET=1``). The kernels draw Philox numbers, not
@@ -21,10 +21,11 @@ from torch.nn import functional as F
 triton = pytest.importorskip("triton")
 import triton.language as tl
 
-from qcnn import QConv2d, add_gradient_noise, fused
+from qcnn import QConv2d, add_gradient_noise
+from qcnn.accel import fused
+from qcnn.accel.fused import kernels
+from qcnn.accel.fused.kernels import _exponential
 from qcnn.estimation import patch_norms
-from qcnn.fused import kernels
-from qcnn.fused.kernels import _exponential
 from qcnn.options import QConvOptions
 from qcnn.sampling import _search_draws, n_samples
 from tests.stats import ALPHA, assert_standard_normal
@@ -293,7 +294,7 @@ def test_layer_falls_back_to_torch_operations_when_the_smoke_test_fails(monkeypa
     fused._kernels_on.cache_clear()
     try:
         layer, x = layer_and_input(22, generator=generator(23))
-        with caplog.at_level("WARNING", logger="qcnn.fused"):
+        with caplog.at_level("WARNING", logger="qcnn.accel.fused"):
             layer(x).sum().backward()
         assert "no C compiler" in caplog.text and "torch operations" in caplog.text
         assert fused.kernels_for(x) is None and torch.isfinite(x.grad).all()

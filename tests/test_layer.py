@@ -12,10 +12,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from qcnn import QConv2d, QuantumSGD, functional
+from qcnn.accel.merge import merge_draws
 from qcnn.backprop import noisy_gradient, tomography_estimate, tomography_samples
 from qcnn.estimation import ae_outcome_probabilities, estimate, patch_norms, sample_ae_outcomes
 from qcnn.options import QConvOptions
-from qcnn.sampling import _exponentials, _keep_drawn, _merge_draws, _search_draws, sample_
+from qcnn.sampling import _exponentials, _keep_drawn, _search_draws, sample_
 from tests.stats import ALPHA, assert_matches_distribution, assert_standard_normal
 
 EXACT = {"epsilon": 0.0, "sigma": None, "cap": math.inf, "delta": 0.0}
@@ -271,7 +272,7 @@ def merged_mask(weights: torch.Tensor, exponentials: torch.Tensor) -> tuple[torc
     """The mask of the compiled merge for these draws (ones multiplied by it), and its
     count of distinct positions per row."""
     mask, distinct = torch.ones(weights.shape), torch.empty(len(weights), dtype=torch.int64)
-    _merge_draws(weights.numpy(), exponentials.numpy(), mask.numpy(), distinct.numpy())
+    merge_draws(weights.numpy(), exponentials.numpy(), mask.numpy(), distinct.numpy())
     return mask, distinct
 
 
@@ -296,7 +297,7 @@ def test_compiled_merge_handles_an_image_with_nan_weights():
     exponentials = _exponentials(6, 31, generator(24), torch.device("cpu"))
     wide = torch.full((6, 90), -1.0)
     wide[:, :50] = 1
-    _merge_draws(weights.numpy(), exponentials.numpy(), wide[:, :50].numpy(), np.empty(6, np.int64))
+    merge_draws(weights.numpy(), exponentials.numpy(), wide[:, :50].numpy(), np.empty(6, np.int64))
     expected = searchsorted_mask(weights, exponentials, wide[:, :50])
     rows = [0, 1, 3, 4, 5]
     assert torch.equal(wide[rows, :50], expected[rows])

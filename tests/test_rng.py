@@ -1,4 +1,4 @@
-"""qcnn.rng gives exactly torch's random numbers and leaves the generator as torch would."""
+"""qcnn.accel.rng gives exactly torch's random numbers and leaves the generator as torch would."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import platform
 import pytest
 import torch
 
-from qcnn import rng
+from qcnn.accel import rng
 
 CPU = torch.device("cpu")
 # Around the Box-Muller blocks of 16 and the 624-word blocks of MT19937's state, then a

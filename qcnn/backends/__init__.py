@@ -18,55 +18,41 @@ simulator seed from a ``torch.Generator`` and return tensors.
 
 from __future__ import annotations
 
-import logging
+import functools
+import importlib
 import math
-from typing import Protocol
 
 import numpy as np
 import torch
 
+from qcnn.backends.base import Backend
 from qcnn.backends.circuits import amplitude_encoding, hadamard_states
 from qcnn.options import BACKEND_DEVICES, BACKENDS
 
-log = logging.getLogger("qcnn.backends")
+# Name -> (module, class): a backend's package is imported only when it is asked for.
+_CLASSES = {
+    "torch": ("qcnn.backends.emulation", "TorchBackend"),
+    "pennylane": ("qcnn.backends.pennylane_backend", "PennyLaneBackend"),
+    "qiskit-aer": ("qcnn.backends.qiskit_backend", "QiskitAerBackend"),
+}
 
 
-class Backend(Protocol):
-    name: str
-    device: str  # what it runs on, in words
-
-    def hadamard_counts(self, states: np.ndarray, shots: int, seed: int) -> np.ndarray: ...
-
-    def ae_outcomes(self, states: np.ndarray, m: int, shots: int, seed: int) -> np.ndarray: ...
-
-    def sample_positions(self, amplitudes: np.ndarray, shots: int, seed: int) -> np.ndarray: ...
-
-
+@functools.cache
 def get_backend(name: str, device: str = "auto", simulator: str | None = None) -> Backend:
-    """The backend ``name`` on ``device``; ``simulator`` picks PennyLane's device."""
+    """The backend ``name`` on ``device``; ``simulator`` picks PennyLane's device.
+
+    Made once per arguments and reused, so a layer on circuits builds its simulator (and
+    logs a fallback to the CPU) once, not at every forward pass.
+    """
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     if device not in BACKEND_DEVICES:
         raise ValueError(f"device must be one of {BACKEND_DEVICES}, got {device!r}")
-    if name == "torch":
-        from qcnn.backends.emulation import TorchBackend
-
-        return TorchBackend(device)
-    if name == "pennylane":
-        from qcnn.backends.pennylane_backend import PennyLaneBackend
-
-        return PennyLaneBackend(device, simulator)
-    from qcnn.backends.qiskit_backend import QiskitAerBackend
-
-    return QiskitAerBackend(device)
-
-
-def fall_back_to_cpu(backend: str, reason: str, device: str) -> str:
-    """"cpu" after a logged notice for device="auto"; an error for an explicit "gpu"."""
-    if device == "gpu":
-        raise RuntimeError(f"{backend}: device='gpu' asked for, but {reason}")
-    log.warning("%s: %s; running on the CPU", backend, reason)
-    return "cpu"
+    if simulator is not None and name != "pennylane":
+        raise ValueError(f"a simulator ({simulator!r}) can only be chosen for pennylane, not {name!r}")
+    module, cls = _CLASSES[name]
+    backend_class = getattr(importlib.import_module(module), cls)
+    return backend_class(device) if simulator is None else backend_class(device, simulator)
 
 
 def draw_seed(generator: torch.Generator | None) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from qcnn.backends import fall_back_to_cpu
+from qcnn.backends.base import fall_back_to_cpu
 from qcnn.backends.circuits import zero_probability
 from qcnn.estimation import sample_ae_outcomes
 

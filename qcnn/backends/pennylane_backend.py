@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from qcnn.backends import fall_back_to_cpu
+from qcnn.backends.base import fall_back_to_cpu
 from qcnn.backends.circuits import ancilla_hadamard, grover_operator, qubits_for
 
 SIMULATORS = ("default.qubit", "lightning.qubit", "lightning.gpu")

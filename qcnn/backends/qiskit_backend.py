@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qcnn.backends import fall_back_to_cpu
+from qcnn.backends.base import fall_back_to_cpu
 from qcnn.backends.circuits import ancilla_hadamard, grover_operator, qubits_for
 
 

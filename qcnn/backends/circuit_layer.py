@@ -14,7 +14,7 @@ from torch.nn import functional as F
 
 from qcnn.backends import get_backend, inner_products, sample_positions
 from qcnn.options import QConvOptions
-from qcnn.sampling import n_samples
+from qcnn.sampling import capped_relu_, n_samples
 
 
 def receptive_field_pairs(
@@ -55,11 +55,9 @@ def circuit_qconv2d(
     y_hat = y_hat.view(images, height, width, kernels).permute(0, 3, 1, 2)
     if bias is not None:
         y_hat = y_hat + bias.view(1, -1, 1, 1)
-    if options.cap_order == "theory":
-        values = y_hat.clamp(0, options.cap)
-    else:  # clamp(clamp(Y) + noise), the noise being what the circuits added to Y
-        y = F.conv2d(x, weight, bias, stride, padding)
-        values = (y.clamp(0, options.cap) + (y_hat - y)).clamp(0, options.cap)
+    # The authors' order needs the exact Y: the noise is what the circuits added to it.
+    y = F.conv2d(x, weight, bias, stride, padding) if options.cap_order == "authors" else None
+    values = capped_relu_(y_hat, y, options.cap, options.cap_order)
     if options.sigma is None:
         return values
     count = n_samples(options.sigma, values[0].numel())

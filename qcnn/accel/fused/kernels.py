@@ -1,4 +1,4 @@
-"""The fused Triton kernels and their wrappers (see :mod:`qcnn.fused`).
+"""The fused Triton kernels and their wrappers (see :mod:`qcnn.accel.fused`).
 
 - :func:`estimate_cap_sample`, one program per image: ‖A_p‖ as a window sum of x² (the
   im2col matrix is never written), ‖F_q‖, Ŷ = Y + 2ε‖A_p‖‖F_q‖ξ + bias (2.1), the capped

@@ -1,0 +1,31 @@
+"""What every circuit backend provides, and how it falls back from the GPU to the CPU."""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+import numpy as np
+
+log = logging.getLogger("qcnn.backends")
+
+
+class Backend(Protocol):
+    """The three primitives of :mod:`qcnn.backends`, on states from :mod:`qcnn.backends.circuits`."""
+
+    name: str
+    device: str  # what it runs on, in words
+
+    def hadamard_counts(self, states: np.ndarray, shots: int, seed: int) -> np.ndarray: ...
+
+    def ae_outcomes(self, states: np.ndarray, m: int, shots: int, seed: int) -> np.ndarray: ...
+
+    def sample_positions(self, amplitudes: np.ndarray, shots: int, seed: int) -> np.ndarray: ...
+
+
+def fall_back_to_cpu(backend: str, reason: str, device: str) -> str:
+    """"cpu" after a logged notice for device="auto"; an error for an explicit "gpu"."""
+    if device == "gpu":
+        raise RuntimeError(f"{backend}: device='gpu' asked for, but {reason}")
+    log.warning("%s: %s; running on the CPU", backend, reason)
+    return "cpu"
