@@ -274,3 +274,21 @@ def test_torch_compile_after_an_eager_step_matches_eager(backend):
         out.square().sum().backward()
         results.append((out.detach(), model[0].weight.grad.clone()))
     torch.testing.assert_close(results[1], results[0])
+
+
+@pytest.mark.parametrize("net", ["authors", "lenet5", "alexnet", "vgg", "googlenet", "resnet"])
+def test_every_course_network_converts_exactly(net):
+    from classical import NETWORKS
+
+    torch.manual_seed(0)
+    model = randomise_batch_norms(NETWORKS[net]()).eval()
+    quantum = convert(model, **EXACT).eval()
+    report = quantum.conversion_report
+    convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    projections = [name for name in convs if "shortcut" in name]
+    assert sorted(report.converted) == sorted(set(convs) - set(projections))
+    assert all("residual shortcut" in report.skipped[name] for name in projections)
+    x = torch.randn(2, 1, 28, 28, generator=generator())
+    out = quantum(x)
+    assert out.shape == (2, 10)
+    torch.testing.assert_close(out, model(x))
