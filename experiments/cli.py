@@ -4,19 +4,59 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 import logging
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from classical import NETWORKS
-from experiments.config import MODES, OPTIMIZERS, RunConfig
+from experiments.config import MODES, OPTIMIZERS, RunConfig, run_id
 from experiments.files import RunLocked
+from experiments.models import check_sampling
+from experiments.train import Diverged
 from qcnn.options import BACKEND_DEVICES, BACKPROPS, CAP_ORDERS, ESTIMATORS, NORMS, SAMPLINGS, QConvOptions
+from qcnn.sampling import n_samples
+
+# K of the layer that ``validate`` runs: the authors' first, 5 × 22 × 22 outputs per image.
+VALIDATED_LAYER_OUTPUTS = 5 * 22 * 22
 
 log = logging.getLogger("experiments")
 DEFAULTS = RunConfig()
+
+
+class CommandError(Exception):
+    """A mistake in a command's options or files, found before any work is done."""
+
+
+def check_count(option: str, value: int) -> None:
+    if value < 1:
+        raise CommandError(f"{option} must be >= 1, got {value}")
+
+
+def writable_folder(path: str) -> Path:
+    """``path`` as an output folder, made if needed; CommandError if it cannot be written."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise CommandError(f"--out {folder}: exists and is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise CommandError(f"--out {folder}: cannot write there ({error.strerror})") from None
+    return folder
+
+
+def report_diverged(rows: list[dict]) -> None:
+    """Diverged if any run's loss became NaN or inf (stored as diverged, not as a result)."""
+    if rows:
+        runs = ", ".join(f"{row['model']} seed {row['seed']}" for row in rows)
+        raise Diverged(f"{len(rows)} run(s) diverged (the loss became NaN or inf): {runs}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -27,9 +67,9 @@ def resolve_device(name: str) -> torch.device:
         log.warning("--device auto: no CUDA device found, running on the CPU")
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
+        raise CommandError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
     if name not in ("cpu", "cuda"):
-        raise SystemExit(f"--device must be auto, cpu or cuda, got {name!r}")
+        raise CommandError(f"--device must be auto, cpu or cuda, got {name!r}")
     return torch.device(name)
 
 
@@ -92,33 +132,35 @@ def cmd_compare(args: argparse.Namespace) -> None:
     from experiments.compare import format_table, run_compare
     from experiments.data import load_mnist
 
-    try:
-        base = run_config(args, seed=args.seed, model="qcnn")  # each run sets its model
-    except ValueError as error:
-        raise SystemExit(str(error)) from error
+    base = run_config(args, seed=args.seed, model="qcnn")  # each run sets its model
+    check_count("--seeds", args.seeds)
+    check_sampling(base)
+    out = writable_folder(args.out)
     device = resolve_device(args.device)
     models = ["cnn", "qcnn"] if args.model == "both" else [args.model]
     data = load_mnist(args.data_dir, device)
     seeds = list(range(args.seed, args.seed + args.seeds))
-    print(f"compare: {', '.join(models)} on {device}, seeds {seeds}, results in {args.out}")
+    print(f"compare: {', '.join(models)} on {device}, seeds {seeds}, results in {out}")
     started = time.perf_counter()
-    try:
-        rows = run_compare(base, seeds, models, data, Path(args.out), device, not args.no_progress)
-    except RunLocked as error:
-        raise SystemExit(f"{error}; wait for it to finish, or use another --out") from error
+    rows = run_compare(base, seeds, models, data, out, device, not args.no_progress)
     print()
     print(format_table(rows))
     print(f"\nwall time {time.perf_counter() - started:.1f} s; "
-          f"summary.csv, curves.png and one folder per run in {args.out}")  # fmt: skip
+          f"summary.csv, curves.png and one folder per run in {out}")  # fmt: skip
+    report_diverged([row for row in rows if row.get("diverged")])
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
     from experiments.bench import profile_steps, run_bench
 
     if args.cpu_only and args.cuda_only:
-        raise SystemExit("bench: --cpu-only and --cuda-only exclude each other")
+        raise CommandError("bench: --cpu-only and --cuda-only exclude each other")
     if args.cuda_only and not torch.cuda.is_available():
-        raise SystemExit("bench --cuda-only: no CUDA device is available")
+        raise CommandError("bench --cuda-only: no CUDA device is available")
+    for size in args.batch_sizes:
+        check_count("--batch-sizes", size)
+    check_count("--rounds", args.rounds)
+    check_count("--repeat", args.repeat)
     devices = [] if args.cuda_only else [torch.device("cpu")]
     if torch.cuda.is_available() and not args.cpu_only:
         devices.append(torch.device("cuda"))
@@ -135,30 +177,28 @@ def cmd_validate(args: argparse.Namespace) -> None:
     if args.bench:
         run_throughput(args.backends, args.backend_device, args.pairs, args.shots, args.seed)
         return
-    try:  # the layer's own checks of σ, C and the shots
-        QConvOptions(sigma=args.sigma, cap=args.cap, estimator="shots", shots=args.shots)
-    except ValueError as error:
-        raise SystemExit(f"validate: {error}") from error
+    QConvOptions(sigma=args.sigma, cap=args.cap, estimator="shots", shots=args.shots)  # the layer's checks
+    check_count("--images", args.images)
+    n_samples(args.sigma, VALIDATED_LAYER_OUTPUTS)
+    out = writable_folder(args.out)
     data = load_mnist(args.data_dir, "cpu", train_limit=1, test_limit=args.images)
     print(f"validate: {args.images} test images, backends {', '.join(args.backends)}, results in {args.out}")
     run_validate(data.test_images, args.backends, args.backend_device, args.shots, args.sigma, args.cap,
-                 args.seed, Path(args.out))  # fmt: skip
+                 args.seed, out)  # fmt: skip
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from experiments.data import load_mnist
-    from experiments.evaluate import format_summary, run_evaluate
+    from experiments.evaluate import checkpoint_file, format_summary, run_evaluate
 
-    if args.repeats < 1:
-        raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
+    check_count("--repeats", args.repeats)
+    checkpoint_file(Path(args.checkpoint))
+    out = writable_folder(args.out)
     device = resolve_device(args.device)
     data = load_mnist(args.data_dir, device, train_limit=1)
-    print(f"evaluate: {args.checkpoint} on {device}, {args.repeats} passes per point, results in {args.out}")
-    try:
-        rows = run_evaluate(Path(args.checkpoint), args.epsilon, args.sigma, args.cap, args.repeats, data,
-                            device, args.seed, Path(args.out), not args.no_progress)  # fmt: skip
-    except ValueError as error:
-        raise SystemExit(f"evaluate: {error}") from error
+    print(f"evaluate: {args.checkpoint} on {device}, {args.repeats} passes per point, results in {out}")
+    rows = run_evaluate(Path(args.checkpoint), args.epsilon, args.sigma, args.cap, args.repeats, data,
+                        device, args.seed, out, not args.no_progress)  # fmt: skip
     print()
     print(format_summary(rows))
     print(f"\nevaluate.csv and accuracy_vs_epsilon.png in {args.out}")
@@ -166,39 +206,72 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def sweep_configs(args: argparse.Namespace) -> list[RunConfig]:
     """The runs a ``sweep`` command line asks for: grid axes, preset or config file, × seeds."""
-    import json
-
     from experiments.sweep import PAPER_GRID, expand_grid
 
     grid = {name: getattr(args, name) for name in ("epsilon", "cap", "sigma", "delta")}
+    check_count("--seeds", args.seeds)
     seeds = list(range(args.seed, args.seed + args.seeds))
     base_fields = {}
     if args.preset == "paper":
         grid = dict(PAPER_GRID)
     if args.config:
-        spec = json.loads(Path(args.config).read_text())
+        spec = read_sweep_config(Path(args.config))
         grid.update(spec.pop("grid", {}))
         seeds = spec.pop("seeds", seeds)
         base_fields = spec
     scalars = {name: values[0] for name, values in grid.items()}
+    base = run_config(args, model="qcnn", seed=seeds[0], **{**scalars, **base_fields})
+    configs = expand_grid(base, grid, seeds, with_cnn=not args.no_cnn)
+    for config in {(c.net, c.sigma): c for c in configs if c.model == "qcnn"}.values():
+        check_sampling(config)
+    return configs
+
+
+def read_sweep_config(path: Path) -> dict:
+    """``--config``'s JSON, checked: {"grid": {field: [values]}, "seeds": [ints], field: value}."""
     try:
-        base = run_config(args, model="qcnn", seed=seeds[0], **scalars, **base_fields)
-        return expand_grid(base, grid, seeds, with_cnn=not args.no_cnn)
-    except (ValueError, TypeError) as error:
-        raise SystemExit(str(error)) from error
+        spec = json.loads(path.read_text())
+    except OSError as error:
+        raise CommandError(f"--config {path}: {error.strerror}") from None
+    except json.JSONDecodeError as error:
+        raise CommandError(f"--config {path}: not valid JSON ({error})") from None
+    if not isinstance(spec, dict):
+        raise CommandError(f"--config {path}: expected a JSON object, got {type(spec).__name__}")
+    fields = set(RunConfig.__dataclass_fields__) - {"model", "seed"}
+    grid = spec.get("grid", {})
+    if not isinstance(grid, dict):
+        raise CommandError(f"--config {path}: \"grid\" must be an object of lists, got {grid!r}")
+    unknown = sorted(set(spec) - fields - {"grid", "seeds"}) + sorted(set(grid) - fields)
+    if unknown:
+        raise CommandError(f"--config {path}: unknown field(s) {unknown}; the fields are {sorted(fields)}")
+    for name, values in grid.items():
+        if not (isinstance(values, list) and values):
+            raise CommandError(f"--config {path}: grid axis {name!r} must be a non-empty list: {values!r}")
+    if clash := sorted(set(grid) & set(spec)):
+        raise CommandError(f"--config {path}: {clash} given both as a grid axis and as a single value")
+    seeds = spec.get("seeds", [1])
+    integers = all(isinstance(seed, int) and not isinstance(seed, bool) for seed in seeds)
+    if not (isinstance(seeds, list) and seeds and integers):
+        raise CommandError(f"--config {path}: \"seeds\" must be a non-empty list of integers, got {seeds!r}")
+    return spec
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
-    from experiments.sweep import run_sweep, summary_markdown, write_reports
+    from experiments.sweep import collect, run_sweep, summary_markdown, write_reports
 
     configs = sweep_configs(args)
+    check_count("--workers", args.workers)
+    if args.launcher == "ray" and importlib.util.find_spec("ray") is None:
+        raise CommandError("--launcher ray needs Ray, which is not installed: pip install -e '.[ray]'")
+    out = writable_folder(args.out)
     device = str(resolve_device(args.device))
-    out = Path(args.out)
     run_sweep(configs, out, device, args.data_dir, args.workers, args.launcher, args.ray_address)
     summary = write_reports(out)
     print()
     print(summary_markdown(summary))
     print(f"results.csv, summary.csv, summary.md and figures in {out}")
+    asked = {run_id(config) for config in configs}
+    report_diverged([row for row in collect(out) if row["diverged"] and row["run"] in asked])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -276,9 +349,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run a command. A user error (bad option, file or data, a diverged run, a run folder in
+    use) ends in one line, ``error: ...``, and exit status 1; Ctrl-C in exit status 130."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted; rerun the same command to resume", file=sys.stderr)
+        raise SystemExit(130) from None
+    except (CommandError, ValueError, OSError, RunLocked, Diverged) as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 if __name__ == "__main__":

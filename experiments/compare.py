@@ -24,7 +24,7 @@ from experiments.train import evaluate, train_run
 from qcnn import convert
 
 LABELS = {"cnn": "CNN", "qcnn": "QCNN", "cnn-qcnn-test": "CNN train / QCNN test"}
-SUMMARY_FIELDS = ("model", "seed", "test_accuracy", "test_loss", "train_seconds")
+SUMMARY_FIELDS = ("model", "seed", "test_accuracy", "test_loss", "train_seconds", "diverged")
 
 
 def read_curve(path: Path) -> list[dict]:
@@ -72,15 +72,22 @@ def run_compare(
             run_dir = out / run_id(config)
             metrics = train_run(config, data, run_dir, device, progress)
             curves.setdefault(LABELS[model], []).append(read_curve(run_dir / "curve.csv"))
-            rows.append({"model": model, "seed": seed, **{k: metrics[k] for k in SUMMARY_FIELDS[2:]}})
-            print(f"  {LABELS[model]:<6} seed {seed}: test accuracy {100 * metrics['test_accuracy']:.2f} %")
-        if "cnn" in models:
+            diverged = "diverged" in metrics
+            rows.append({"model": model, "seed": seed, **{k: metrics[k] for k in SUMMARY_FIELDS[2:-1]},
+                         "diverged": diverged})  # fmt: skip
+            label = LABELS[model]
+            if diverged:
+                print(f"  {label:<6} seed {seed}: diverged, {metrics['diverged']['reason']}")
+            else:
+                print(f"  {label:<6} seed {seed}: test accuracy {100 * metrics['test_accuracy']:.2f} %")
+        cnn_trained = any(r["model"] == "cnn" and r["seed"] == seed and not r["diverged"] for r in rows)
+        if cnn_trained:  # a diverged CNN's weights are NaN: nothing to run through the QCNN
             config = replace(base, seed=seed)
             result = cnn_through_qcnn(config, out / run_id(replace(config, model="cnn")), data, device)
             accuracy, loss = result["test_accuracy"], result["test_loss"]
             rows.append(
                 {"model": "cnn-qcnn-test", "seed": seed, "train_seconds": 0.0,
-                 "test_accuracy": accuracy, "test_loss": loss}
+                 "test_accuracy": accuracy, "test_loss": loss, "diverged": False}
             )  # fmt: skip
     with open(out / "summary.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, SUMMARY_FIELDS)
@@ -98,7 +105,10 @@ def format_table(rows: list[dict]) -> str:
     """Mean ± std over seeds per model: test accuracy, test loss, training time."""
     lines = [f"{'model':<22} {'seeds':>5} {'test accuracy %':>18} {'test loss':>10} {'train s':>8}"]
     for model, label in LABELS.items():
-        group = [r for r in rows if r["model"] == model]
+        group = [r for r in rows if r["model"] == model and not r["diverged"]]
+        diverged = sum(r["model"] == model and r["diverged"] for r in rows)
+        if diverged:
+            lines.append(f"{label:<22} {diverged:>5}  diverged (no test accuracy)")
         if not group:
             continue
         acc = [100 * r["test_accuracy"] for r in group]

@@ -83,6 +83,8 @@ class RunConfig:
                 raise ValueError(f"{name} must be None (all images) or >= 1, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        if not (self.momentum >= 0 and math.isfinite(self.momentum)):
+            raise ValueError(f"momentum must be a finite number >= 0, got {self.momentum}")
         QConvOptions(**self.layer_options())  # the layer's own checks, before any work
 
     def layer_options(self) -> dict:

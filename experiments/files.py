@@ -4,13 +4,13 @@ run lock, so two processes never train the same run folder at once."""
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+import filelock
 import torch
 
 
@@ -52,13 +52,18 @@ class RunLocked(RuntimeError):
 def run_lock(folder: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``folder/.lock`` or raise :class:`RunLocked` at once.
 
-    The lock is an ``flock`` on an open file: the kernel releases it when the holder exits,
-    even on SIGKILL, so a killed run never leaves a stale lock behind.
+    ``filelock`` takes an operating-system lock on an open file (``flock`` on POSIX,
+    ``msvcrt.locking`` on Windows), which the system releases when the holder exits, even on
+    SIGKILL: a killed run never leaves a stale lock behind.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunLocked(f"{folder} is being trained by another process") from None
+    lock = filelock.FileLock(folder / ".lock", timeout=0)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        message = f"{folder} is being trained by another process; wait for it, or use another --out"
+        raise RunLocked(message) from None
+    try:
         yield
+    finally:
+        lock.release()

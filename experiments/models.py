@@ -9,6 +9,7 @@ from torch import nn
 from classical import NETWORKS
 from experiments.config import RunConfig
 from qcnn import QConv2d, QuantumSGD, add_gradient_noise, convert
+from qcnn.sampling import n_samples
 
 
 def build_model(config: RunConfig, device: torch.device, generator: torch.Generator) -> nn.Module:
@@ -39,6 +40,20 @@ def build_optimiser(
         parameters = list(model.parameters())
         optimiser.register_step_pre_hook(lambda *_: add_gradient_noise(parameters, delta, generator))
     return optimiser
+
+
+def check_sampling(config: RunConfig) -> None:
+    """ValueError, before any training, if σ draws no sample (⌊σK⌋ = 0) from the smallest
+    output K of the run's convolutions, which the layer would only find mid-training."""
+    if config.model != "qcnn" or config.sigma is None:
+        return
+    outputs = []
+    model = NETWORKS[config.net]().eval()
+    for conv in (m for m in model.modules() if isinstance(m, nn.Conv2d)):
+        conv.register_forward_hook(lambda _, __, out: outputs.append(out[0].numel()))
+    with torch.no_grad():
+        model(torch.zeros(1, 1, 28, 28))
+    n_samples(config.sigma, min(outputs))
 
 
 def qconv_layers(model: nn.Module) -> dict[str, QConv2d]:

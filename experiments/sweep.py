@@ -14,23 +14,23 @@ from __future__ import annotations
 
 import csv
 import itertools
-import json
+import math
 import statistics
 import time
 from collections import defaultdict
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import replace
+from dataclasses import fields, replace
 from multiprocessing import get_context
 from pathlib import Path
 
 import torch
 
 from experiments.compare import read_curve
-from experiments.config import OVERRIDES, RunConfig, run_id
+from experiments.config import OMITTED_AT, RunConfig, run_id
 from experiments.files import RunLocked
 from experiments.plots import plot_accuracy, plot_curves
-from experiments.train import finite_mean, read_finished
+from experiments.train import finite_mean, read_finished, read_metrics
 
 # The authors' grid (docs/algorithm.md §6): 2 × 2 × 5 × 2 = 40 QCNN configurations, plus the CNN.
 PAPER_GRID = {
@@ -91,9 +91,9 @@ def execute(config_dict: dict, run_dir: str, device: str, data_dir: str | None, 
     try:
         metrics = train_run(config, data, Path(run_dir), torch.device(device), progress=False)
     except RunLocked:  # another sweep on the same store has it: leave it to that one
-        return {"run": Path(run_dir).name, "accuracy": None, "seconds": time.perf_counter() - started}
-    return {"run": Path(run_dir).name, "accuracy": metrics["test_accuracy"],
-            "seconds": time.perf_counter() - started}  # fmt: skip
+        return {"run": Path(run_dir).name, "locked": True, "seconds": time.perf_counter() - started}
+    return {"run": Path(run_dir).name, "locked": False, "accuracy": metrics["test_accuracy"],
+            "diverged": metrics.get("diverged"), "seconds": time.perf_counter() - started}  # fmt: skip
 
 
 def run_sweep(
@@ -118,12 +118,15 @@ def run_sweep(
     done = []
 
     def report(result: dict) -> None:
-        if result["accuracy"] is None:
+        if result["locked"]:
             print(f"  skipped {result['run']}: another process is training it")
             return
         done.append(result["run"])
-        print(f"  [{len(done)}/{len(jobs)}] {result['run']}: test accuracy "
-              f"{100 * result['accuracy']:.2f} %, {result['seconds']:.1f} s")  # fmt: skip
+        if result["diverged"]:
+            outcome = f"diverged, {result['diverged']['reason']}"
+        else:
+            outcome = f"test accuracy {100 * result['accuracy']:.2f} %"
+        print(f"  [{len(done)}/{len(jobs)}] {result['run']}: {outcome}, {result['seconds']:.1f} s")
 
     if launcher == "ray":
         import ray
@@ -154,11 +157,12 @@ def collect(out: Path) -> list[dict]:
     """One row per finished run in the store: config, test metrics, per-layer cost."""
     rows = []
     for path in sorted((out / "runs").glob("*/metrics.json")):
-        metrics = json.loads(path.read_text())
-        if not metrics.get("finished"):
+        metrics = read_metrics(path.parent)
+        if not (metrics and metrics.get("finished")):
             continue
         row = {**metrics["config"], "run": path.parent.name, "test_accuracy": metrics["test_accuracy"],
-               "test_loss": metrics["test_loss"], "train_seconds": metrics["train_seconds"]}  # fmt: skip
+               "test_loss": metrics["test_loss"], "train_seconds": metrics["train_seconds"],
+               "diverged": "diverged" in metrics}  # fmt: skip
         for layer, cost in metrics.get("cost", {}).items():
             row.update({f"{layer}_{field}": cost[field] for field in COST_FIELDS})
         rows.append(row)
@@ -173,36 +177,47 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-OPTIONS = ("estimator", "sampling", "backprop", *OVERRIDES)
-CONFIGURATION = ("model", "mode", "epsilon", "cap", "sigma", "delta", *OPTIONS)
+TABLE = ("model", "epsilon", "cap", "sigma", "delta")  # the summary's own columns
+# Runs that differ in any field but the seed are different configurations.
+GROUPED = tuple(f.name for f in fields(RunConfig) if f.name != "seed")
 
 
 def configuration(row: dict) -> tuple:
-    """The fields that tell configurations apart; seeds of one configuration share them."""
-    return tuple(row.get(field) for field in CONFIGURATION)  # runs older than an override lack it
+    """The fields that tell configurations apart; seeds of one configuration share them. A
+    field missing from an older run's row has its omitted value (``OMITTED_AT``)."""
+    return tuple(row.get(name, OMITTED_AT.get(name)) for name in GROUPED)
 
 
-def variant(row: dict) -> str:
-    """The mode and every option that differs from the default: "theory, estimator=shots"."""
-    default = RunConfig()
-    changed = [f"{name}={row.get(name)}" for name in OPTIONS if row.get(name) != getattr(default, name)]
-    return ", ".join([row["mode"], *changed])
+def varying(rows: list[dict]) -> tuple[str, ...]:
+    """The fields besides the summary's columns and the mode whose values differ between
+    ``rows``: the ones a label must name to tell configurations apart."""
+    def values(name: str) -> set:
+        return {str(row.get(name, OMITTED_AT.get(name))) for row in rows}
+
+    return tuple(name for name in GROUPED if name not in (*TABLE, "mode") and len(values(name)) > 1)
+
+
+def variant(row: dict, names: tuple[str, ...]) -> str:
+    """The mode and the fields ``names`` (see :func:`varying`): "theory, lr=0.01"."""
+    return ", ".join([row["mode"], *(f"{name}={row.get(name, OMITTED_AT.get(name))}" for name in names)])
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """Mean ± std of accuracy and time over seeds, per configuration."""
+    """Mean ± std of accuracy and time over the seeds that did not diverge, per configuration."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
         groups[configuration(row)].append(row)
     summary = []
     for key, group in sorted(groups.items(), key=lambda item: str(item[0])):
-        accuracy = [r["test_accuracy"] for r in group]
-        entry = {**dict(zip(CONFIGURATION, key, strict=True)),
-                 "seeds": len(group), "accuracy_mean": statistics.mean(accuracy),
-                 "accuracy_std": statistics.stdev(accuracy) if len(group) > 1 else 0.0,
+        trained = [r for r in group if not r["diverged"]]
+        accuracy = [r["test_accuracy"] for r in trained]
+        entry = {**dict(zip(GROUPED, key, strict=True)),
+                 "seeds": len(group), "diverged": len(group) - len(trained),
+                 "accuracy_mean": statistics.mean(accuracy) if accuracy else math.nan,
+                 "accuracy_std": statistics.stdev(accuracy) if len(accuracy) > 1 else 0.0,
                  "train_seconds_mean": statistics.mean(r["train_seconds"] for r in group)}  # fmt: skip
         for layer in ("conv1", "conv2"):
-            values = [r[f"{layer}_speedup"] for r in group if f"{layer}_speedup" in r]
+            values = [r[f"{layer}_speedup"] for r in trained if f"{layer}_speedup" in r]
             if values:
                 entry[f"{layer}_speedup"] = finite_mean(values)
         summary.append(entry)
@@ -216,12 +231,14 @@ def write_reports(out: Path) -> list[dict]:
         return []
     write_csv(out / "results.csv", rows)
     summary = summarise(rows)
+    labelled = varying(rows)
     write_csv(out / "summary.csv", summary)
     (out / "summary.md").write_text(summary_markdown(summary))
     series: dict[str, list] = defaultdict(list)
     for entry in summary:
         if entry["model"] == "qcnn" and entry["sigma"] is not None:
-            label = f"ε={entry['epsilon']:g}, C={entry['cap']:g}, δ={entry['delta']:g} ({variant(entry)})"
+            kind = variant(entry, labelled)
+            label = f"ε={entry['epsilon']:g}, C={entry['cap']:g}, δ={entry['delta']:g} ({kind})"
             series[label].append((entry["sigma"], entry["accuracy_mean"], entry["accuracy_std"]))
     if series:
         plot_accuracy(series, out / "accuracy_vs_sigma.png")
@@ -230,7 +247,8 @@ def write_reports(out: Path) -> list[dict]:
     for row in rows:
         if row["model"] == "qcnn":
             curve = read_curve(out / "runs" / row["run"] / "curve.csv")
-            figures[tuple(row[a] for a in AXES) + (variant(row),)][f"σ={row['sigma']}"].append(curve)
+            key = (*(row[a] for a in AXES), variant(row, labelled))
+            figures[key][f"σ={row['sigma']}"].append(curve)
     for (epsilon, cap, delta, kind), curves in figures.items():
         if cnn_runs:
             curves["CNN"] = cnn_runs
@@ -241,7 +259,17 @@ def write_reports(out: Path) -> list[dict]:
     return summary
 
 
+def accuracy_cell(entry: dict) -> str:
+    """Mean ± std in %, and how many seeds diverged, if any."""
+    diverged = f"{entry['diverged']} diverged" if entry["diverged"] else ""
+    if entry["diverged"] == entry["seeds"]:
+        return diverged
+    accuracy = f"{100 * entry['accuracy_mean']:.2f} ± {100 * entry['accuracy_std']:.2f}"
+    return f"{accuracy} ({diverged})" if diverged else accuracy
+
+
 def summary_markdown(summary: list[dict]) -> str:
+    labelled = varying(summary)
     lines = [
         "| model | mode, options | ε | C | σ | δ | seeds | test accuracy % | conv1 speedup | conv2 speedup "
         "| train s |",
@@ -249,9 +277,9 @@ def summary_markdown(summary: list[dict]) -> str:
     ]
     for e in summary:
         quantum = e["model"] == "qcnn"
-        cells = [e["model"], variant(e) if quantum else "", *(f"{e[k]}" if quantum else "" for k in
+        cells = [e["model"], variant(e, labelled) if quantum else "", *(f"{e[k]}" if quantum else "" for k in
                  ("epsilon", "cap", "sigma", "delta")), str(e["seeds"]),
-                 f"{100 * e['accuracy_mean']:.2f} ± {100 * e['accuracy_std']:.2f}",
+                 accuracy_cell(e),
                  *(f"{e[f'{layer}_speedup']:.3g}" if f"{layer}_speedup" in e else "" for layer in
                    ("conv1", "conv2")),
                  f"{e['train_seconds_mean']:.1f}"]  # fmt: skip

@@ -5,14 +5,23 @@ A run writes into its folder as it goes: ``curve.csv`` (mini-batch loss every
 (config, per-epoch test loss and accuracy, wall times, QCNN running-time accounting), and
 ``checkpoint.pt`` at every epoch end. Rerunning the same config in the same folder resumes
 from the last checkpoint, or returns at once if the run had finished.
+
+A run whose loss becomes NaN or inf stops there and is stored as diverged: ``metrics.json``
+says ``"diverged"`` (where, and the last finite loss) and has no test accuracy; the curve
+keeps its finite points. A ``metrics.json`` or ``checkpoint.pt`` that cannot be read (a
+truncated file, say) is renamed ``*.unreadable`` with a warning naming it, and the run is
+trained again from its last readable state.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
+import pickle
 import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,15 +36,43 @@ from experiments.files import atomic_save, atomic_write_text, run_lock
 from experiments.models import build_model, build_optimiser, qconv_layers
 
 CURVE_FIELDS = ("epoch", "batch", "images_seen", "loss")
+log = logging.getLogger(__name__)
+# What torch.load and json raise on a truncated or corrupt file.
+UNREADABLE = (
+    OSError, EOFError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile
+)  # fmt: skip
 
 
-def read_finished(out_dir: Path, config: RunConfig) -> dict | None:
-    """The metrics of a finished run of ``config`` in ``out_dir``, else None."""
+class Diverged(ArithmeticError):
+    """The training loss became NaN or inf."""
+
+
+def set_aside(path: Path, error: Exception) -> None:
+    """Rename an unreadable run file to ``<name>.unreadable`` (kept for a look), with a warning."""
+    path.replace(path.with_name(path.name + ".unreadable"))
+    log.warning("%s cannot be read (%s: %s): set aside as %s.unreadable; the run is trained again",
+                path, type(error).__name__, error, path.name)  # fmt: skip
+
+
+def read_metrics(out_dir: Path) -> dict | None:
+    """``out_dir/metrics.json``, or None if there is none or it cannot be read (set aside)."""
     path = out_dir / "metrics.json"
     if not path.is_file():
         return None
-    metrics = json.loads(path.read_text())
-    if metrics.get("finished") and metrics.get("config") == config.as_dict():
+    try:
+        metrics = json.loads(path.read_text())
+        if not isinstance(metrics, dict):
+            raise ValueError(f"a JSON {type(metrics).__name__}, not an object")
+        return metrics
+    except UNREADABLE as error:
+        set_aside(path, error)
+        return None
+
+
+def read_finished(out_dir: Path, config: RunConfig) -> dict | None:
+    """The metrics of a finished (or diverged) run of ``config`` in ``out_dir``, else None."""
+    metrics = read_metrics(out_dir)
+    if metrics and metrics.get("finished") and metrics.get("config") == config.as_dict():
         return metrics
     return None
 
@@ -101,7 +138,7 @@ def train_epoch(
     desc: str = "training",
 ) -> list[float]:
     """One epoch of mini-batch training of any model; returns the loss of every
-    ``log_every``-th batch.
+    ``log_every``-th batch. Raises :class:`Diverged` if one of them is NaN or inf.
 
     The batches are shuffled by ``generator`` (in order if None). ``loss_fn`` takes the
     model's output and the labels (the default suits a log-softmax output, as the built-in
@@ -119,11 +156,14 @@ def train_epoch(
         loss = loss_fn(model(x), y)
         loss.backward()
         optimiser.step()
-        if index % log_every == 0:
-            losses.append(loss.item())
+        if index % log_every == 0:  # a NaN stays NaN: checking the logged batches finds it
+            value = loss.item()
+            if not math.isfinite(value):
+                raise Diverged(f"the loss became {value} at batch {index}")
+            losses.append(value)
             if on_log is not None:
-                on_log(index, len(x), losses[-1])
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+                on_log(index, len(x), value)
+            bar.set_postfix(loss=f"{value:.3f}")
     return losses
 
 
@@ -157,8 +197,13 @@ def _train(config: RunConfig, data: Mnist, out_dir: Path, device: torch.device, 
     curve: list[dict] = []
     start_epoch = 0
     if checkpoint_path.is_file():
-        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
-        if state["config"] == config.as_dict():
+        try:
+            state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+            resume = state["config"] == config.as_dict()
+        except UNREADABLE as error:
+            set_aside(checkpoint_path, error)
+            resume = False
+        if resume:
             model.load_state_dict(state["model"])
             optimiser.load_state_dict(state["optimiser"])
             noise.set_state(state["noise"])
@@ -172,7 +217,7 @@ def _train(config: RunConfig, data: Mnist, out_dir: Path, device: torch.device, 
         handle.flush()
         for epoch in range(start_epoch, config.epochs):
 
-            def log(index: int, size: int, loss: float, epoch: int = epoch) -> None:
+            def log_point(index: int, size: int, loss: float, epoch: int = epoch) -> None:
                 seen = epoch * len(train_x) + index * config.batch_size + size
                 row = {"epoch": epoch, "batch": index, "images_seen": seen, "loss": loss}
                 curve.append(row)
@@ -180,11 +225,20 @@ def _train(config: RunConfig, data: Mnist, out_dir: Path, device: torch.device, 
                 handle.flush()
 
             started = time.perf_counter()
-            train_epoch(
-                model, optimiser, train_x, train_y, config.batch_size, generator=order,
-                log_every=config.log_every, on_log=log, progress=progress,
-                desc=f"{config.model} epoch {epoch + 1}/{config.epochs}",
-            )  # fmt: skip
+            try:
+                train_epoch(
+                    model, optimiser, train_x, train_y, config.batch_size, generator=order,
+                    log_every=config.log_every, on_log=log_point, progress=progress,
+                    desc=f"{config.model} epoch {epoch + 1}/{config.epochs}",
+                )  # fmt: skip
+            except Diverged as error:
+                seconds = sum(e["train_seconds"] for e in metrics["epochs"]) + time.perf_counter() - started
+                last = curve[-1]["loss"] if curve else None
+                where = {"epoch": epoch + 1, "reason": str(error), "last_finite_loss": last}
+                metrics.update(finished=True, test_accuracy=None, test_loss=None, train_seconds=seconds,
+                               diverged=where)  # fmt: skip
+                atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
+                return metrics
             train_seconds = time.perf_counter() - started
             result = evaluate(model, test_x, test_y, config.test_batch_size)
             metrics["epochs"].append({"epoch": epoch + 1, "train_seconds": train_seconds, **result})

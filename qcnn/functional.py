@@ -29,13 +29,12 @@ from types import ModuleType
 
 import torch
 from torch.nn import functional as F
-from torch.nn.modules.utils import _pair
 
 from qcnn.accel import fused
 from qcnn.backprop import noisy_gradient
 from qcnn.cost import LayerCost, layer_cost
 from qcnn.estimation import estimate, patch_norms
-from qcnn.options import QConvOptions
+from qcnn.options import QConvOptions, check_generator, conv_pair
 from qcnn.sampling import capped_relu_, n_samples, sample_
 
 CostRecorder = Callable[[LayerCost], None]
@@ -51,10 +50,18 @@ def check_input(x: torch.Tensor, weight: torch.Tensor, generator: torch.Generato
         )
     if x.numel() == 0:
         raise ValueError(f"input has no elements, shape {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.float64) or weight.dtype != x.dtype:
+        raise ValueError(
+            f"the layer computes in float32 or float64 (the sampling's CDF needs the precision): got "
+            f"input {x.dtype} and weight {weight.dtype}; convert both with .float() or .double()"
+        )
     # NaN propagates to both extremes, an infinity shows in one: one pass, no copy of x, and
     # no further tensor operations (each small one costs tens of µs inside a training step).
     if not all(math.isfinite(extreme.item()) for extreme in torch.aminmax(x)):
         raise ValueError("input contains NaN or inf")
+    if not all(math.isfinite(extreme.item()) for extreme in torch.aminmax(weight.detach())):
+        raise ValueError("the layer's weights contain NaN or inf (did training diverge?)")
+    check_generator(generator)
     if generator is not None and generator.device.type != x.device.type:
         raise ValueError(
             f"generator is on {generator.device}, input on {x.device}: they must match"
@@ -227,7 +234,7 @@ def qconv2d_with_options(
     (``docs/algorithm.md``, *Classical terms before the non-linearity*).
     """
     check_input(input, weight, generator)
-    stride, padding = _pair(stride), _pair(padding)
+    stride, padding = conv_pair("stride", stride, 1), conv_pair("padding", padding, 0)
     if norm is not None or shortcut is not None:
         terms = (norm, shortcut)
         out = _with_classical_terms(input, weight, bias, stride, padding, options, generator, record, *terms)

@@ -14,11 +14,10 @@ from dataclasses import asdict, fields, replace
 
 import torch
 from torch import nn
-from torch.nn.modules.utils import _pair
 
 from qcnn.cost import LayerCost
 from qcnn.functional import qconv2d_with_options
-from qcnn.options import QConvOptions
+from qcnn.options import QConvOptions, check_generator, conv_pair
 
 log = logging.getLogger(__name__)
 _OPTION_NAMES = tuple(f.name for f in fields(QConvOptions))
@@ -56,11 +55,11 @@ class QConv2d(nn.Module):
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
             if not (isinstance(value, int) and value > 0):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_generator(generator)
         self.options = QConvOptions(epsilon=epsilon, cap=cap, sigma=sigma, delta=delta, **options)
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size, self.stride, self.padding = (
-            _pair(kernel_size), _pair(stride), _pair(padding)
-        )  # fmt: skip
+        self.kernel_size = conv_pair("kernel_size", kernel_size, 1)
+        self.stride, self.padding = conv_pair("stride", stride, 1), conv_pair("padding", padding, 0)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *self.kernel_size, **factory))
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+import torch
+
 ESTIMATORS = ("exact", "gaussian", "shots", "amplitude-estimation")
 NORMS = ("exact", "authors")
 CAP_ORDERS = ("theory", "authors")
@@ -18,6 +20,20 @@ POOLINGS = (None, "max", "avg")
 BACKPROPS = ("exact", "gaussian", "tomography")
 BACKENDS = ("torch", "pennylane", "qiskit-aer")
 BACKEND_DEVICES = ("auto", "cpu", "gpu")
+
+
+def conv_pair(name: str, value: object, least: int) -> tuple[int, int]:
+    """``value`` (an int or a pair of ints, each >= ``least``) as a pair; else a ValueError
+    naming it, e.g. for ``padding="same"``, which the layer does not take."""
+    pair = tuple(value) if isinstance(value, tuple | list) else (value, value)
+    if not (len(pair) == 2 and all(isinstance(v, int) and v >= least for v in pair)):
+        raise ValueError(f"{name} must be an int >= {least} or a pair of them, got {value!r}")
+    return pair
+
+
+def check_generator(generator: object) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or None, got {generator!r}")
 
 
 def _choice(name: str, value: object, allowed: tuple) -> None:

@@ -204,7 +204,7 @@ def test_evaluate_runs_a_cnn_checkpoint_through_the_qcnn_at_each_grid_point(mnis
     assert (tmp_path / "eval" / "accuracy_vs_epsilon.png").read_bytes().startswith(PNG_MAGIC)
     with open(tmp_path / "eval" / "evaluate.csv") as handle:
         assert len(list(csv.DictReader(handle))) == 8
-    with pytest.raises(SystemExit, match="evaluate: no checkpoint at"):
+    with pytest.raises(SystemExit, match="^error: no checkpoint at"):
         cli.main(["evaluate", str(tmp_path / "missing"), "--device", "cpu", "--out", str(tmp_path / "e")])
 
 

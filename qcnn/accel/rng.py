@@ -28,6 +28,7 @@ own functions, one generator must not be drawn from by two threads at once.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 
 import numba
@@ -37,6 +38,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
+log = logging.getLogger(__name__)
 _N, _M = 624, 397  # MT19937: words of state, and the offset of the word mixed into each
 # Fields of the generator's state tensor (CPUGeneratorImplState, little-endian): the count
 # of outputs left before the next twist (int32), the next word to output (uint64), the words.
@@ -98,9 +100,16 @@ def _reproduces_torch() -> bool:
             if size >= 16:
                 pairs.append((_normal_float32((size,), ours), torch.randn(size, generator=torchs)))
     except RuntimeError:  # torch refused the state written back: a layout this copy misreads
-        return False
-    pairs.append((ours.get_state(), torchs.get_state()))
-    return all(torch.equal(copy, original) for copy, original in pairs)
+        reproduces = False
+    else:
+        pairs.append((ours.get_state(), torchs.get_state()))
+        reproduces = all(torch.equal(copy, original) for copy, original in pairs)
+    if not reproduces:
+        log.warning(
+            "qcnn.accel.rng does not reproduce torch %s's CPU random numbers on this machine: "
+            "they come from torch itself (the same numbers, drawn more slowly)", torch.__version__
+        )
+    return reproduces
 
 
 def _uniform_float32(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:

@@ -28,7 +28,23 @@ def receptive_field_pairs(
     return a, f
 
 
-@torch.no_grad()
+class _NoGradient(torch.autograd.Function):
+    """Passes the circuits' output through; a backward pass through it is an error, so
+    training a layer on circuits fails loudly instead of silently learning nothing."""
+
+    @staticmethod
+    def forward(ctx, out, *inputs):
+        ctx.backend = inputs[-1]
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"backend {ctx.backend!r} runs the layer's forward pass on circuits and computes no "
+            "gradient: train with backend='torch', and use the circuits to evaluate"
+        )
+
+
 def circuit_qconv2d(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -38,7 +54,25 @@ def circuit_qconv2d(
     options: QConvOptions,
     generator: torch.Generator | None,
 ) -> torch.Tensor:
-    """Estimated, capped and sampled output (B, D', H', W') computed by circuits."""
+    """Estimated, capped and sampled output (B, D', H', W') computed by circuits. Its
+    backward raises: the circuits give no gradient."""
+    with torch.no_grad():
+        out = _circuit_forward(x, weight, bias, stride, padding, options, generator)
+    inputs = [t for t in (x, weight, bias) if t is not None and t.requires_grad]
+    if not (torch.is_grad_enabled() and inputs):
+        return out
+    return _NoGradient.apply(out, *inputs, options.backend)
+
+
+def _circuit_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    options: QConvOptions,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
     backend = get_backend(options.backend, options.backend_device)
     images, kernels = len(x), weight.shape[0]
     a, f = receptive_field_pairs(x, weight, stride, padding)
