@@ -30,6 +30,14 @@ RECIPES = {
 }
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """A training run of the classical CNN or the QCNN.
@@ -75,16 +83,20 @@ class RunConfig:
             raise ValueError(f"momentum is an SGD option: use momentum 0 with adam, got {self.momentum}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not _is_int(self.seed):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
         for name in ("epochs", "batch_size", "test_batch_size", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not (_is_int(value) and value >= 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         for name in ("train_limit", "test_limit"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be None (all images) or >= 1, got {getattr(self, name)}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
-        if not (self.momentum >= 0 and math.isfinite(self.momentum)):
-            raise ValueError(f"momentum must be a finite number >= 0, got {self.momentum}")
+            value = getattr(self, name)
+            if value is not None and not (_is_int(value) and value >= 1):
+                raise ValueError(f"{name} must be None (all images) or an integer >= 1, got {value!r}")
+        if not (_is_number(self.lr) and self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if not (_is_number(self.momentum) and self.momentum >= 0 and math.isfinite(self.momentum)):
+            raise ValueError(f"momentum must be a finite number >= 0, got {self.momentum!r}")
         QConvOptions(**self.layer_options())  # the layer's own checks, before any work
 
     def layer_options(self) -> dict:

@@ -210,6 +210,9 @@ def _train(config: RunConfig, data: Mnist, out_dir: Path, device: torch.device, 
             order.set_state(state["order"])
             metrics, curve, start_epoch = state["metrics"], state["curve"], state["epoch"]
 
+    if start_epoch == config.epochs:  # finished, but its metrics.json was lost: write it again
+        atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
+        return metrics
     with open(curve_path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, CURVE_FIELDS)
         writer.writeheader()
