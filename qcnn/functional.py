@@ -241,9 +241,10 @@ def qconv2d_with_options(
     elif options.backend == "torch":
         out = _QConv2d.apply(input, weight, bias, stride, padding, options, generator, record)
     else:
-        from qcnn.backends.circuit_layer import circuit_qconv2d  # imports the circuit packages
+        from qcnn.backends.circuit_layer import circuit_qconv2d, without_gradient  # imports the circuits
 
         out = circuit_qconv2d(input, weight, bias, stride, padding, options, generator)
+        out = without_gradient(out, (input, weight, bias), options.backend)
     if options.pooling == "max":
         out = F.max_pool2d(out, options.pool_size)
     elif options.pooling == "avg":

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from classical import deep
 from qcnn import QConv2d, configure, convert
 
 EXACT = {"epsilon": 0.0, "sigma": None, "cap": math.inf, "delta": 0.0}
@@ -43,19 +44,13 @@ class FunctionalReLU(nn.Module):
         return self.relu(self.conv(x))
 
 
-class BasicBlock(nn.Module):
-    """A ResNet basic block: conv-BN-ReLU, conv-BN, + shortcut (identity or projection), ReLU."""
+class BasicBlock(deep.BasicBlock):
+    """classical.deep's ResNet block, its forward spelled the other way: ``nn.ReLU(inplace)``
+    modules and ``out += shortcut``."""
 
     def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
+        super().__init__(cin, cout, stride)
         self.relu = nn.ReLU(inplace=True)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
     def forward(self, x):
         out = self.relu(self.bn1(self.conv1(x)))

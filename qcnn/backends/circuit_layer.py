@@ -28,13 +28,19 @@ def receptive_field_pairs(
     return a, f
 
 
+def without_gradient(out: torch.Tensor, inputs: tuple, backend: str) -> torch.Tensor:
+    """``out``, whose backward raises if any of ``inputs`` needs a gradient in grad mode."""
+    needed = [t for t in inputs if t is not None and t.requires_grad]
+    return _NoGradient.apply(out, backend, *needed) if torch.is_grad_enabled() and needed else out
+
+
 class _NoGradient(torch.autograd.Function):
     """Passes the circuits' output through; a backward pass through it is an error, so
     training a layer on circuits fails loudly instead of silently learning nothing."""
 
     @staticmethod
-    def forward(ctx, out, *inputs):
-        ctx.backend = inputs[-1]
+    def forward(ctx, out, backend, *inputs):  # the inputs only tie the output to the graph
+        ctx.backend = backend
         return out.clone()
 
     @staticmethod
@@ -45,6 +51,7 @@ class _NoGradient(torch.autograd.Function):
         )
 
 
+@torch.no_grad()
 def circuit_qconv2d(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -54,25 +61,8 @@ def circuit_qconv2d(
     options: QConvOptions,
     generator: torch.Generator | None,
 ) -> torch.Tensor:
-    """Estimated, capped and sampled output (B, D', H', W') computed by circuits. Its
-    backward raises: the circuits give no gradient."""
-    with torch.no_grad():
-        out = _circuit_forward(x, weight, bias, stride, padding, options, generator)
-    inputs = [t for t in (x, weight, bias) if t is not None and t.requires_grad]
-    if not (torch.is_grad_enabled() and inputs):
-        return out
-    return _NoGradient.apply(out, *inputs, options.backend)
-
-
-def _circuit_forward(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    stride: tuple[int, int],
-    padding: tuple[int, int],
-    options: QConvOptions,
-    generator: torch.Generator | None,
-) -> torch.Tensor:
+    """Estimated, capped and sampled output (B, D', H', W') computed by circuits, without a
+    gradient (see :func:`without_gradient`)."""
     backend = get_backend(options.backend, options.backend_device)
     images, kernels = len(x), weight.shape[0]
     a, f = receptive_field_pairs(x, weight, stride, padding)
