@@ -274,6 +274,18 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     report_diverged([row for row in collect(out) if row["diverged"] and row["run"] in asked])
 
 
+def cmd_plot_sweeps(args: argparse.Namespace) -> None:
+    from experiments.sweep import plot_stores
+
+    stores = [Path(store) for store in args.stores]
+    for store in stores:
+        if not (store / "runs").is_dir():
+            raise CommandError(f"{store}: not a sweep store (no runs/ folder in it)")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    plot_stores(stores, Path(args.out))
+    print(f"accuracy against σ for {len(stores)} store(s) in {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m experiments",
@@ -328,6 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", default="runs/evaluate")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    plot = sub.add_parser("plot-sweeps", help="accuracy against σ of several sweep stores, side by side")
+    plot.add_argument("stores", nargs="+", help="sweep --out folders, one panel each")
+    plot.add_argument("--out", default="runs/accuracy_vs_sigma.png", help="the figure (PNG)")
+    plot.set_defaults(func=cmd_plot_sweeps)
 
     from experiments.validate import DEFAULT_BACKENDS
 

@@ -45,22 +45,32 @@ def plot_curves(curves: dict[str, list[list[dict]]], path: Path, title: str = ""
     plt.close(fig)
 
 
-def plot_accuracy(
-    series: dict[str, list[tuple[float, float, float]]], path: Path, xlabel: str = "sampling ratio σ"
-) -> None:
+Points = list[tuple[float, float, float]]  # (x, mean accuracy, std)
+
+
+def plot_accuracy(series: dict[str, Points], path: Path, xlabel: str = "sampling ratio σ") -> None:
     """Test accuracy (x, mean, std) against an option, one line per label, error bars = std
     (over seeds, or over repeated passes)."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, points in series.items():
-        points = sorted(points)
-        ax.errorbar(
-            [p[0] for p in points], [100 * p[1] for p in points], yerr=[100 * p[2] for p in points],
-            marker="o", capsize=3, label=label,
-        )  # fmt: skip
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("test accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    plot_accuracy_panels({"": series}, path, xlabel)
+
+
+def plot_accuracy_panels(
+    panels: dict[str, dict[str, Points]], path: Path, xlabel: str = "sampling ratio σ"
+) -> None:
+    """:func:`plot_accuracy` once per panel (titled by its key), side by side, sharing the y axis."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), sharey=True, squeeze=False)
+    for ax, (title, series) in zip(axes[0], panels.items(), strict=True):
+        for label, points in series.items():
+            points = sorted(points)
+            ax.errorbar(
+                [p[0] for p in points], [100 * p[1] for p in points], yerr=[100 * p[2] for p in points],
+                marker="o", capsize=3, label=label,
+            )  # fmt: skip
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("test accuracy (%)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

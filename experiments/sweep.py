@@ -29,7 +29,7 @@ import torch
 from experiments.compare import read_curve
 from experiments.config import OMITTED_AT, RunConfig, run_id
 from experiments.files import RunLocked
-from experiments.plots import plot_accuracy, plot_curves
+from experiments.plots import plot_accuracy, plot_accuracy_panels, plot_curves
 from experiments.train import finite_mean, read_finished, read_metrics
 
 # The authors' grid (docs/algorithm.md §6): 2 × 2 × 5 × 2 = 40 QCNN configurations, plus the CNN.
@@ -224,6 +224,29 @@ def summarise(rows: list[dict]) -> list[dict]:
     return summary
 
 
+def sigma_series(summary: list[dict], labelled: tuple[str, ...]) -> dict[str, list]:
+    """(σ, mean, std) points per QCNN configuration but σ, labelled by ε, C, δ and ``labelled``."""
+    series: dict[str, list] = defaultdict(list)
+    for entry in summary:
+        if entry["model"] == "qcnn" and entry["sigma"] is not None:
+            kind = variant(entry, labelled)
+            label = f"ε={entry['epsilon']:g}, C={entry['cap']:g}, δ={entry['delta']:g} ({kind})"
+            series[label].append((entry["sigma"], entry["accuracy_mean"], entry["accuracy_std"]))
+    return series
+
+
+def plot_stores(stores: list[Path], path: Path) -> None:
+    """Accuracy against σ, one panel per sweep store (e.g. one per network), side by side."""
+    panels = {}
+    for store in stores:
+        rows = collect(store)
+        if not rows:
+            raise ValueError(f"{store}: no finished runs in this sweep store")
+        nets = sorted({row.get("net", "authors") for row in rows})
+        panels[f"{', '.join(nets)} net ({len(rows)} runs)"] = sigma_series(summarise(rows), varying(rows))
+    plot_accuracy_panels(panels, path)
+
+
 def write_reports(out: Path) -> list[dict]:
     """results.csv (one row per run), summary.csv, summary.md and the figures."""
     rows = collect(out)
@@ -234,13 +257,7 @@ def write_reports(out: Path) -> list[dict]:
     labelled = varying(rows)
     write_csv(out / "summary.csv", summary)
     (out / "summary.md").write_text(summary_markdown(summary))
-    series: dict[str, list] = defaultdict(list)
-    for entry in summary:
-        if entry["model"] == "qcnn" and entry["sigma"] is not None:
-            kind = variant(entry, labelled)
-            label = f"ε={entry['epsilon']:g}, C={entry['cap']:g}, δ={entry['delta']:g} ({kind})"
-            series[label].append((entry["sigma"], entry["accuracy_mean"], entry["accuracy_std"]))
-    if series:
+    if series := sigma_series(summary, labelled):
         plot_accuracy(series, out / "accuracy_vs_sigma.png")
     cnn_runs = [read_curve(out / "runs" / r["run"] / "curve.csv") for r in rows if r["model"] == "cnn"]
     figures: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))

@@ -140,3 +140,13 @@ def test_sweep_config_file(tmp_path, mnist_raw_dir):
     summary = (out / "summary.md").read_text()
     assert summary.count("| authors, norms=exact |") == 2 and summary.count("| authors, norms=authors |") == 2
     assert (out / "curves_eps0.01_C10_delta0.1_authors_norms-exact.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_plot_sweeps_draws_one_panel_per_store(tmp_path, mnist_raw_dir):
+    for net in ("authors", "lenet5"):
+        cli.main(["sweep", "--net", net, "--sigma", "0.3", "0.5", "--no-cnn", *TINY, "--out", str(tmp_path / net)])
+    figure = tmp_path / "figures" / "sigma.png"
+    cli.main(["plot-sweeps", str(tmp_path / "authors"), str(tmp_path / "lenet5"), "--out", str(figure)])
+    assert figure.read_bytes().startswith(PNG_MAGIC)
+    with pytest.raises(SystemExit, match="not a sweep store"):
+        cli.main(["plot-sweeps", str(tmp_path / "figures")])
