@@ -7,8 +7,8 @@ import argparse
 import importlib.util
 import json
 import logging
+import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -39,16 +39,14 @@ def check_count(option: str, value: int) -> None:
 
 
 def writable_folder(path: str) -> Path:
-    """``path`` as an output folder, made if needed; CommandError if it cannot be written."""
+    """``path`` as an output folder, checked but not made yet (a failing command leaves
+    nothing behind): CommandError if it, or the folder it would be made in, is not writable."""
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise CommandError(f"--out {folder}: exists and is not a folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as error:
-        raise CommandError(f"--out {folder}: cannot write there ({error.strerror})") from None
+    existing = next(parent for parent in (folder, *folder.parents) if parent.exists())
+    if not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
+        raise CommandError(f"--out {folder}: cannot write there ({existing} is not a writable folder)")
     return folder
 
 

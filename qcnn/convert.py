@@ -79,8 +79,9 @@ def convert(model: nn.Module, *, generator: torch.Generator | None = None, **opt
         raise ValueError(f"{type(model).__name__} has no convolution that can become a QConv2d ({reasons})")
     for name, pattern in report.converted.items():
         log.info("convert: %s -> QConv2d (%s)", name, pattern)
-    for name, reason in report.skipped.items():
-        log.warning("convert: %s left classical: %s", name, reason)
+    for name, reason in report.skipped.items():  # a shortcut's convolution is classical by design
+        level = logging.INFO if reason == _SHORTCUT else logging.WARNING
+        log.log(level, "convert: %s left classical: %s", name, reason)
     converted.conversion_report = report
     return converted
 

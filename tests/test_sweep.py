@@ -144,7 +144,8 @@ def test_sweep_config_file(tmp_path, mnist_raw_dir):
 
 def test_plot_sweeps_draws_one_panel_per_store(tmp_path, mnist_raw_dir):
     for net in ("authors", "lenet5"):
-        cli.main(["sweep", "--net", net, "--sigma", "0.3", "0.5", "--no-cnn", *TINY, "--out", str(tmp_path / net)])
+        out = str(tmp_path / net)
+        cli.main(["sweep", "--net", net, "--sigma", "0.3", "0.5", "--no-cnn", *TINY, "--out", out])
     figure = tmp_path / "figures" / "sigma.png"
     cli.main(["plot-sweeps", str(tmp_path / "authors"), str(tmp_path / "lenet5"), "--out", str(figure)])
     assert figure.read_bytes().startswith(PNG_MAGIC)
