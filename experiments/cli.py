@@ -19,7 +19,16 @@ from experiments.config import MODES, OPTIMIZERS, RunConfig, run_id
 from experiments.files import RunLocked
 from experiments.models import check_sampling
 from experiments.train import Diverged
-from qcnn.options import BACKEND_DEVICES, BACKPROPS, CAP_ORDERS, ESTIMATORS, NORMS, SAMPLINGS, QConvOptions
+from qcnn.options import (
+    BACKEND_DEVICES,
+    BACKENDS,
+    BACKPROPS,
+    CAP_ORDERS,
+    ESTIMATORS,
+    NORMS,
+    SAMPLINGS,
+    QConvOptions,
+)
 from qcnn.sampling import n_samples
 
 # K of the layer that ``validate`` runs: the authors' first, 5 × 22 × 22 outputs per image.
@@ -170,18 +179,44 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 def cmd_validate(args: argparse.Namespace) -> None:
     from experiments.data import load_mnist
-    from experiments.validate import run_throughput, run_validate
+    from experiments.evaluate import checkpoint_file
+    from experiments.validate import (
+        DEFAULT_BACKENDS,
+        NETWORK_BACKENDS,
+        network_to_validate,
+        run_network,
+        run_throughput,
+        run_validate,
+    )
 
+    backends = args.backends or (NETWORK_BACKENDS if args.network else DEFAULT_BACKENDS)
     if args.bench:
-        run_throughput(args.backends, args.backend_device, args.pairs, args.shots, args.seed)
+        run_throughput(backends, args.backend_device, args.pairs, args.shots, args.seed)
         return
     QConvOptions(sigma=args.sigma, cap=args.cap, estimator="shots", shots=args.shots)  # the layer's checks
     check_count("--images", args.images)
-    n_samples(args.sigma, VALIDATED_LAYER_OUTPUTS)
+    if args.sigma is None and not args.network:
+        raise CommandError("validate tests the first layer's sampling: give --sigma (none: --network only)")
+    if args.sigma is not None:
+        n_samples(args.sigma, VALIDATED_LAYER_OUTPUTS)
     out = writable_folder(args.out)
+    if args.network:
+        if unknown := [name for name in backends if name not in BACKENDS]:
+            raise CommandError(f"validate --network: backends must be among {BACKENDS}, got {unknown}")
+        if args.checkpoint is not None:
+            checkpoint_file(Path(args.checkpoint))
+        data = load_mnist(args.data_dir, "cpu", train_limit=args.train_images, test_limit=args.images)
+        model = network_to_validate(
+            None if args.checkpoint is None else Path(args.checkpoint), data.train_images, data.train_labels,
+            {"sigma": args.sigma, "cap": args.cap}, args.seed,
+        )  # fmt: skip
+        print(f"validate --network: {args.images} test images, backends {', '.join(backends)}, in {out}")
+        run_network(model, data.test_images, data.test_labels, backends, args.backend_device, args.shots,
+                    args.seed, out)  # fmt: skip
+        return
     data = load_mnist(args.data_dir, "cpu", train_limit=1, test_limit=args.images)
-    print(f"validate: {args.images} test images, backends {', '.join(args.backends)}, results in {args.out}")
-    run_validate(data.test_images, args.backends, args.backend_device, args.shots, args.sigma, args.cap,
+    print(f"validate: {args.images} test images, backends {', '.join(backends)}, results in {args.out}")
+    run_validate(data.test_images, backends, args.backend_device, args.shots, args.sigma, args.cap,
                  args.seed, out)  # fmt: skip
 
 
@@ -344,20 +379,26 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", default="runs/accuracy_vs_sigma.png", help="the figure (PNG)")
     plot.set_defaults(func=cmd_plot_sweeps)
 
-    from experiments.validate import DEFAULT_BACKENDS
-
     validate = sub.add_parser("validate", help="check the emulation against circuits on the first layer")
     validate.add_argument("--images", type=int, default=8, help="MNIST test images")
-    validate.add_argument("--backends", nargs="+", default=DEFAULT_BACKENDS,
-                          help="name or name:simulator; the first is the reference")  # fmt: skip
+    validate.add_argument("--backends", nargs="+", default=None,
+                          help="name or name:simulator (not with --network); the first is the reference")
     validate.add_argument("--backend-device", choices=BACKEND_DEVICES, default="auto")
     validate.add_argument("--shots", type=int, default=100, help="Hadamard-test shots per inner product")
-    validate.add_argument("--sigma", type=float, default=0.5)
+    validate.add_argument("--sigma", type=optional_float, default=0.5, help="σ ('none' only with --network)")
     validate.add_argument("--cap", type=float, default=10.0)
     validate.add_argument("--seed", type=int, default=1)
     validate.add_argument("--data-dir", default=None)
     validate.add_argument("--out", default="runs/validate")
     validate.add_argument("--bench", action="store_true", help="time inner products for 5-9 qubits instead")
+    validate.add_argument("--network", action="store_true",
+                          help="a whole network on circuits instead of the first layer (default backends: "
+                               "torch pennylane qiskit-aer)")  # fmt: skip
+    validate.add_argument("--checkpoint", default=None,
+                          help="with --network: a trained run (CNN or QCNN); default: the authors' CNN, "
+                               "trained here")  # fmt: skip
+    validate.add_argument("--train-images", type=int, default=10000,
+                          help="with --network and no --checkpoint: training images of the in-process CNN")
     validate.add_argument("--pairs", type=int, default=512, help="with --bench: pairs per run")
     validate.set_defaults(func=cmd_validate)
     return parser

@@ -11,11 +11,18 @@ For each backend, on k MNIST test images:
 - throughput: inner products per second and sampled images per second.
 
 ``--bench`` instead times the Hadamard test alone for 5 to 9 qubits on every backend.
+
+``--network`` (:func:`run_network`) runs a whole trained network instead: every inner product
+of every QCNN layer, and every sampling step, on each backend in turn (``torch``, the
+emulation, first), with the same estimator, on the same test images; it reports each
+accuracy, the paired difference to the emulation with its 95 % confidence interval, and the
+throughput.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -24,7 +31,13 @@ import torch
 from scipy import stats
 from torch.nn import functional as F
 
+from experiments.config import RunConfig
+from experiments.data import batches
+from experiments.evaluate import load_checkpoint
 from experiments.files import atomic_write_text
+from experiments.models import build_model, build_optimiser
+from experiments.train import train_epoch
+from qcnn import QConv2d, configure, convert
 from qcnn.backends import get_backend, inner_products, sample_positions
 from qcnn.backends.circuit_layer import receptive_field_pairs
 from qcnn.sampling import n_samples
@@ -163,3 +176,107 @@ def run_throughput(backends: list[str], device: str, pairs: int, shots: int, see
             print(f"| {spec} | {backend.device} | {qubits} | {pairs} | {shots} | {seconds:.3f} "
                   f"| {row['per_s']:,.0f} |")  # fmt: skip
     return rows
+
+
+NETWORK_BACKENDS = ["torch", "pennylane", "qiskit-aer"]
+
+
+def network_to_validate(
+    checkpoint: Path | None, train_images: torch.Tensor, train_labels: torch.Tensor, options: dict, seed: int
+) -> torch.nn.Module:
+    """The QCNN of a checkpoint (a CNN's is converted), or else the authors' CNN trained here
+    as in the paper (2 epochs) on ``train_images`` and converted; ``options`` set on its layers."""
+    if checkpoint is not None:
+        _, model = load_checkpoint(checkpoint, torch.device("cpu"), torch.Generator().manual_seed(seed))
+        if not any(isinstance(m, QConv2d) for m in model.modules()):
+            model = convert(model)
+    else:
+        config = RunConfig(model="cnn", seed=seed)
+        model = build_model(config, torch.device("cpu"), torch.Generator())
+        optimiser = build_optimiser(config, model, torch.Generator())
+        order = torch.Generator().manual_seed(seed)
+        for _ in range(config.epochs):
+            train_epoch(model, optimiser, train_images, train_labels, generator=order, progress=False)
+        model = convert(model)
+    configure(model, **options)
+    return model.eval()
+
+
+def run_network(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    backends: list[str],
+    device: str,
+    shots: int,
+    seed: int,
+    out: Path,
+    batch_size: int = 100,
+) -> dict:
+    """Test accuracy of ``model`` (holding QConv2d layers) with its layers on each backend.
+
+    Every layer gets the ``shots`` estimator and exact norms; its other options (σ, C, cap
+    order, sampling) stay. Each backend starts from the same generator seed. Writes
+    ``validate-network.json`` and ``.md`` into ``out``.
+    """
+    layers = [m for m in model.modules() if isinstance(m, QConv2d)]
+    pairs = []  # inner products per forward pass: images × positions × kernels, per layer
+    for layer in layers:
+        layer.register_forward_hook(lambda layer, inputs, _: pairs.append(_pair_count(layer, inputs[0])))
+    results, reference = [], None
+    for name in backends:
+        configure(model, backend=name, backend_device=device, estimator="shots", shots=shots, norms="exact")
+        generator = torch.Generator().manual_seed(seed)
+        for layer in layers:
+            layer.generator = generator
+        pairs.clear()
+        started = time.perf_counter()
+        with torch.no_grad():
+            correct = torch.cat([model(x).argmax(1) == y for x, y in batches(images, labels, batch_size)])
+        seconds = time.perf_counter() - started
+        where = "emulation" if name == "torch" else get_backend(name, device).device
+        accuracy, count = correct.double().mean().item(), sum(pairs)
+        row = {"backend": name, "device": where, "images": len(images), "accuracy": accuracy,
+               "inner_products": count, "seconds": seconds, "inner_products_per_s": count / seconds,
+               "images_per_s": len(images) / seconds}  # fmt: skip
+        if reference is None:
+            reference = correct
+        else:
+            difference = correct.double() - reference.double()
+            half_width = stats.norm.ppf(0.975) * difference.std().item() / math.sqrt(len(difference))
+            row.update(difference=difference.mean().item(), difference_ci=half_width,
+                       disagreements=int((correct != reference).sum()))  # fmt: skip
+        results.append(row)
+        print(format_network_row(row))
+    report = {"images": len(images), "shots": shots, "seed": seed, "results": results,
+              "layers": [layer.extra_repr() for layer in layers]}  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "validate-network.json", json.dumps(report, indent=2))
+    lines = [NETWORK_HEADER, "|" + "---|" * 8, *(format_network_row(row) for row in results)]
+    atomic_write_text(out / "validate-network.md", "\n".join(lines) + "\n")
+    return report
+
+
+def _pair_count(layer: QConv2d, x: torch.Tensor) -> int:
+    """The inner products a forward pass of ``layer`` on ``x`` estimates: B · H'W' · D'."""
+    geometry = zip(x.shape[2:], layer.padding, layer.kernel_size, layer.stride, strict=True)
+    height, width = ((size + 2 * pad - kernel) // step + 1 for size, pad, kernel, step in geometry)
+    return len(x) * height * width * layer.out_channels
+
+
+NETWORK_HEADER = (
+    "| backend | device | images | test accuracy | difference to the emulation (95 % CI) "
+    "| images that differ | inner products/s | images/s |"
+)
+
+
+def format_network_row(row: dict) -> str:
+    if "difference" in row:
+        difference = f"{100 * row['difference']:+.2f} ± {100 * row['difference_ci']:.2f} %"
+        differ = str(row["disagreements"])
+    else:
+        difference, differ = "reference", ""
+    return (
+        f"| {row['backend']} | {row['device']} | {row['images']} | {100 * row['accuracy']:.2f} % "
+        f"| {difference} | {differ} | {row['inner_products_per_s']:,.0f} | {row['images_per_s']:.1f} |"
+    )

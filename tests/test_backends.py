@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 import torch
 from scipy import stats
 
+from experiments import cli
 from qcnn import QConv2d
 from qcnn.backends import get_backend, inner_products, sample_positions
 from qcnn.backends.circuits import grover_operator, hadamard_states, zero_probability
@@ -177,3 +179,20 @@ def test_gpu_backends_sample_like_the_cpu(name):
     positions = sample_positions(gpu, values, 4000, torch.Generator().manual_seed(0))
     counts = np.bincount(positions.cpu().numpy(), minlength=4)
     assert_matches_distribution(counts, (values / values.sum()).numpy())
+
+
+def test_validate_network_runs_every_layer_on_every_backend(tmp_path, mnist_raw_dir, capsys):
+    """With 10⁹ shots and no sampling, circuits and emulation estimate every inner product to
+    about 10⁻⁴ of its scale: the same predictions, image for image."""
+    out = tmp_path / "validate"
+    cli.main(["validate", "--network", "--images", "6", "--train-images", "500", "--shots", "1000000000",
+              "--sigma", "none", "--backend-device", "cpu", "--out", str(out)])  # fmt: skip
+    report = json.loads((out / "validate-network.json").read_text())
+    rows = {row["backend"]: row for row in report["results"]}
+    assert list(rows) == ["torch", "pennylane", "qiskit-aer"]
+    for name in ("pennylane", "qiskit-aer"):
+        assert rows[name]["disagreements"] == 0 and rows[name]["difference"] == 0
+    assert rows["torch"]["inner_products"] == 6 * (5 * 22 * 22 + 10 * 16 * 16)  # both layers, every pair
+    assert all(row["inner_products_per_s"] > 0 for row in rows.values())
+    assert "difference to the emulation" in (out / "validate-network.md").read_text()
+    assert "| qiskit-aer | AerSimulator on CPU | 6 |" in capsys.readouterr().out

@@ -29,6 +29,8 @@ from qcnn.backends.base import Backend
 from qcnn.backends.circuits import amplitude_encoding, hadamard_states
 from qcnn.options import BACKEND_DEVICES, BACKENDS
 
+# Inner products per backend call: a whole network's pairs are simulated in chunks of this many.
+_PAIRS_PER_CALL = 1 << 15
 # Name -> (module, class): a backend's package is imported only when it is asked for.
 _CLASSES = {
     "torch": ("qcnn.backends.emulation", "TorchBackend"),
@@ -73,14 +75,18 @@ def inner_products(
     """Estimates of <a_i|f_i> (normalised rows) by Hadamard test (shots) or AE (m qubits)."""
     if (shots is None) == (ae_qubits is None):
         raise ValueError("give exactly one of shots (Hadamard test) or ae_qubits (amplitude estimation)")
-    states = hadamard_states(a.detach().double().cpu().numpy(), f.detach().double().cpu().numpy())
-    seed = draw_seed(generator)
-    if shots is not None:
-        probability = backend.hadamard_counts(states, shots, seed) / shots
-    else:
-        outcomes = backend.ae_outcomes(states, ae_qubits, 1, seed)[:, 0]
-        probability = np.sin(math.pi * outcomes / 2**ae_qubits) ** 2
-    return torch.as_tensor(2 * probability - 1, dtype=a.dtype, device=a.device)
+    dtype, device = a.dtype, a.device
+    a, f = a.detach().double().cpu().numpy(), f.detach().double().cpu().numpy()
+    probability = np.empty(len(a))
+    for start in range(0, len(a), _PAIRS_PER_CALL):  # bounded memory for a whole network's pairs
+        chunk = slice(start, start + _PAIRS_PER_CALL)
+        states, seed = hadamard_states(a[chunk], f[chunk]), draw_seed(generator)
+        if shots is not None:
+            probability[chunk] = backend.hadamard_counts(states, shots, seed) / shots
+        else:
+            outcomes = backend.ae_outcomes(states, ae_qubits, 1, seed)[:, 0]
+            probability[chunk] = np.sin(math.pi * outcomes / 2**ae_qubits) ** 2
+    return torch.as_tensor(2 * probability - 1, dtype=torch.float64).to(dtype=dtype, device=device)
 
 
 def sample_positions(

@@ -29,3 +29,13 @@ def fall_back_to_cpu(backend: str, reason: str, device: str) -> str:
         raise RuntimeError(f"{backend}: device='gpu' asked for, but {reason}")
     log.warning("%s: %s; running on the CPU", backend, reason)
     return "cpu"
+
+
+def counts_from(probabilities: np.ndarray, shots: int, seed: int) -> np.ndarray:
+    """Outcome-0 counts of ``shots`` shots for each exact probability, Binomial(shots, p).
+
+    The circuit backends simulate every state to its exact outcome distribution and draw the
+    shots from it: the same counts, in law, as the libraries' per-shot samplers, which were
+    the bottleneck (``docs/circuits.md``).
+    """
+    return np.random.default_rng(seed).binomial(shots, np.clip(probabilities, 0.0, 1.0))

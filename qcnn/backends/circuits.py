@@ -31,22 +31,18 @@ def qubits_for(size: int) -> int:
     return max(1, math.ceil(math.log2(size)))
 
 
-def normalise_rows(vectors: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    if (norms == 0).any():
-        raise ValueError("a vector of norm 0 has no amplitude encoding")
-    return vectors / norms
-
-
 def hadamard_states(a: np.ndarray, f: np.ndarray) -> np.ndarray:
     """(n, 2^(q+1)) amplitudes of (|0>|a> + |1>|f>)/√2, rows of a and f padded to 2^q."""
     if a.shape != f.shape or a.ndim != 2:
         raise ValueError(f"a and f must both be (n, d), got {a.shape} and {f.shape}")
-    width = 2 ** qubits_for(a.shape[1])
+    width, d = 2 ** qubits_for(a.shape[1]), a.shape[1]
     padded = np.zeros((len(a), 2 * width))
-    padded[:, : a.shape[1]] = normalise_rows(a)
-    padded[:, width : width + f.shape[1]] = normalise_rows(f)
-    return padded / math.sqrt(2)
+    for half, vectors in ((padded[:, :d], a), (padded[:, width : width + d], f)):
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        if (norms == 0).any():
+            raise ValueError("a vector of norm 0 has no amplitude encoding")
+        np.multiply(vectors, 1 / (norms * math.sqrt(2)), out=half)  # written in place: one pass
+    return padded
 
 
 def ancilla_hadamard(state: np.ndarray) -> np.ndarray:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from qcnn.backends.base import fall_back_to_cpu
+from qcnn.backends.base import counts_from, fall_back_to_cpu
 from qcnn.backends.circuits import ancilla_hadamard, grover_operator, qubits_for
 
 SIMULATORS = ("default.qubit", "lightning.qubit", "lightning.gpu")
@@ -58,18 +58,19 @@ class PennyLaneBackend:
         return torch.as_tensor(states, device=self.torch_device)
 
     def hadamard_counts(self, states: np.ndarray, shots: int, seed: int) -> np.ndarray:
+        """The simulator evolves every state of the batch (one broadcast execution on
+        ``default.qubit``) to the exact P(ancilla = 0); the shot counts are drawn from it."""
         qml = self.qml
         wires = qubits_for(states.shape[1])
 
-        @qml.set_shots(shots)
         @qml.qnode(self._device(wires, seed))
         def hadamard_test(state):
-            qml.StatePrep(state, wires=range(wires))
+            qml.StatePrep(state, wires=range(wires), validate_norm=False)
             qml.Hadamard(wires=0)
             return qml.probs(wires=0)
 
         probabilities = torch.as_tensor(hadamard_test(self._batch(states))).reshape(len(states), 2)
-        return np.rint(probabilities[:, 0].cpu().numpy() * shots).astype(np.int64)
+        return counts_from(probabilities[:, 0].cpu().numpy(), shots, seed)
 
     def ae_outcomes(self, states: np.ndarray, m: int, shots: int, seed: int) -> np.ndarray:
         qml = self.qml

@@ -1,7 +1,8 @@
 """The ``qiskit-aer`` backend: the circuits of :mod:`qcnn.backends.circuits` on Qiskit Aer.
 
 Many circuits go into one ``AerSimulator.run``, seeded with ``seed_simulator``. Every circuit uses
-only instructions Aer runs natively (``initialize``, ``h``, ``unitary``, ``measure``), so
+only instructions Aer runs natively (``initialize``, ``set_statevector``, ``h``, ``unitary``,
+``measure``, ``save_probabilities``), so
 nothing is transpiled: ``transpile`` would dominate the cost of ``initialize`` circuits and
 takes minutes to synthesise controlled Grover powers. No circuit has free parameters, which
 also avoids binding parameters after ``transpile`` (qiskit-aer issue 2403).
@@ -15,8 +16,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from qcnn.backends.base import fall_back_to_cpu
+from qcnn.backends.base import counts_from, fall_back_to_cpu
 from qcnn.backends.circuits import ancilla_hadamard, grover_operator, qubits_for
+
+# Hadamard tests per circuit: Aer's fixed cost per circuit is spread over many of them.
+_TESTS_PER_CIRCUIT = 1024
 
 
 class QiskitAerBackend:
@@ -41,17 +45,31 @@ class QiskitAerBackend:
         return self.simulator.run(circuits, shots=shots, seed_simulator=seed, memory=memory).result()
 
     def hadamard_counts(self, states: np.ndarray, shots: int, seed: int) -> np.ndarray:
-        qiskit = self.qiskit
+        """Aer evolves every state (``set_statevector``, H on the ancilla) to the exact
+        P(ancilla = 0), many Hadamard tests one after the other in one circuit (Aer's cost per
+        circuit, not per gate, bounded the throughput); the shot counts are drawn from it."""
+        from qiskit.circuit import CircuitInstruction
+        from qiskit.circuit.library import HGate
+        from qiskit_aer.library import SaveProbabilities, SetStatevector
+
         wires = qubits_for(states.shape[1])
+        hadamard = HGate()
+        saves = [SaveProbabilities(1, label=f"p{i}") for i in range(min(_TESTS_PER_CIRCUIT, len(states)))]
         circuits = []
-        for state in states:
-            circuit = qiskit.QuantumCircuit(wires, 1)
-            circuit.initialize(state, range(wires))
-            circuit.h(wires - 1)
-            circuit.measure(wires - 1, 0)
+        for start in range(0, len(states), _TESTS_PER_CIRCUIT):
+            circuit = self.qiskit.QuantumCircuit(wires)
+            qubits, ancilla = tuple(circuit.qubits), (circuit.qubits[-1],)
+            for state, save in zip(states[start : start + _TESTS_PER_CIRCUIT], saves, strict=False):
+                circuit._append(CircuitInstruction(SetStatevector(state), qubits))
+                circuit._append(CircuitInstruction(hadamard, ancilla))
+                circuit._append(CircuitInstruction(save, ancilla))
             circuits.append(circuit)
-        result = self._run(circuits, shots, seed)
-        return np.array([result.get_counts(i).get("0", 0) for i in range(len(circuits))], dtype=np.int64)
+        result = self._run(circuits, 1, seed)
+        probabilities = []
+        for index, circuit in enumerate(circuits):
+            data = result.data(index)
+            probabilities += [data[f"p{i}"][0] for i in range(len(circuit.data) // 3)]
+        return counts_from(np.array(probabilities), shots, seed)
 
     def ae_outcomes(self, states: np.ndarray, m: int, shots: int, seed: int) -> np.ndarray:
         """Phase estimation built from gates Aer runs natively, so nothing is transpiled.
