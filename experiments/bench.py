@@ -12,6 +12,7 @@ its ratio to the classical one. This is a benchmark, not a test: nothing here as
 
 from __future__ import annotations
 
+import logging
 import platform
 import statistics
 import time
@@ -21,7 +22,7 @@ import torch
 from torch.nn import functional as F
 
 from experiments.config import RunConfig
-from experiments.models import build_model, build_optimiser, qconv_layers
+from experiments.models import build_model, build_optimiser, check_network, qconv_layers
 
 # Each variant: the run's model and mode, layer options set on its QConv2d layers, and
 # whether its training step runs through torch.compile (the QCNN layers stay eager inside).
@@ -48,11 +49,19 @@ def variants(
     chosen = VARIANTS | CUDA_VARIANTS if device.type == "cuda" else dict(VARIANTS)
     if compiled:
         chosen |= COMPILED_VARIANTS
-    return {
-        name: (RunConfig.for_net(net, **run), options, flag) for name, (run, options, flag) in chosen.items()
-    }
+    runnable = {}
+    for name, (run, options, flag) in chosen.items():
+        config = RunConfig.for_net(net, **run)
+        try:
+            check_network(config)
+        except ValueError as error:  # e.g. the authors' cap order before ResNet's BatchNorm
+            log.warning("bench: %s net, %s left out: %s", net, name, error)
+            continue
+        runnable[name] = (config, options, flag)
+    return runnable
 
 
+log = logging.getLogger(__name__)
 TWO_CONV_NETS = ("authors", "lenet5")  # whose conv blocks are timed alone too
 
 

@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ import torch
 from classical import NETWORKS
 from experiments.config import MODES, OPTIMIZERS, RunConfig, run_id
 from experiments.files import RunLocked
-from experiments.models import check_sampling
+from experiments.models import check_network
 from experiments.train import Diverged
 from qcnn.options import (
     BACKEND_DEVICES,
@@ -141,7 +142,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
     base = run_config(args, seed=args.seed, model="qcnn")  # each run sets its model
     check_count("--seeds", args.seeds)
-    check_sampling(base)
+    check_network(base)
     out = writable_folder(args.out)
     device = resolve_device(args.device)
     models = ["cnn", "qcnn"] if args.model == "both" else [args.model]
@@ -255,8 +256,8 @@ def sweep_configs(args: argparse.Namespace) -> list[RunConfig]:
     scalars = {name: values[0] for name, values in grid.items()}
     base = run_config(args, model="qcnn", seed=seeds[0], **{**scalars, **base_fields})
     configs = expand_grid(base, grid, seeds, with_cnn=not args.no_cnn)
-    for config in {(c.net, c.sigma): c for c in configs if c.model == "qcnn"}.values():
-        check_sampling(config)
+    for config in {replace(c, seed=seeds[0]) for c in configs if c.model == "qcnn"}:
+        check_network(config)
     return configs
 
 

@@ -9,7 +9,6 @@ from torch import nn
 from classical import NETWORKS
 from experiments.config import RunConfig
 from qcnn import QConv2d, QuantumSGD, add_gradient_noise, convert
-from qcnn.sampling import n_samples
 
 
 def build_model(config: RunConfig, device: torch.device, generator: torch.Generator) -> nn.Module:
@@ -42,18 +41,15 @@ def build_optimiser(
     return optimiser
 
 
-def check_sampling(config: RunConfig) -> None:
-    """ValueError, before any training, if σ draws no sample (⌊σK⌋ = 0) from the smallest
-    output K of the run's convolutions, which the layer would only find mid-training."""
-    if config.model != "qcnn" or config.sigma is None:
+def check_network(config: RunConfig) -> None:
+    """ValueError, before any training, for a run its network cannot do: one forward pass of
+    two blank images through the run's model finds what the layer would only find then, e.g.
+    σ that draws no sample (⌊σK⌋ = 0) or the authors' cap order before a BatchNorm."""
+    if config.model != "qcnn":
         return
-    outputs = []
-    model = NETWORKS[config.net]().eval()
-    for conv in (m for m in model.modules() if isinstance(m, nn.Conv2d)):
-        conv.register_forward_hook(lambda _, __, out: outputs.append(out[0].numel()))
+    model = build_model(config, torch.device("cpu"), torch.Generator()).eval()
     with torch.no_grad():
-        model(torch.zeros(1, 1, 28, 28))
-    n_samples(config.sigma, min(outputs))
+        model(torch.zeros(2, 1, 28, 28))
 
 
 def qconv_layers(model: nn.Module) -> dict[str, QConv2d]:
