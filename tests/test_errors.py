@@ -47,6 +47,7 @@ def test_an_error_is_one_line_on_stderr_and_exit_status_1():
         (["compare", "--momentum", "-1"], "momentum must be a finite number >= 0, got -1.0"),
         (["compare", "--momentum", "nan"], "momentum must be a finite number >= 0, got nan"),
         (["compare", "--optimizer", "adam", "--momentum", "0.9"], "momentum is an SGD option"),
+        (["compare", "--net", "resnet", "--mode", "authors"], "cap_order='authors' clamps the exact Y"),
         (["sweep", "--seeds", "0"], "--seeds must be >= 1, got 0"),
         (["sweep", "--sigma", "0.0001"], "draws no sample"),
         (["validate", "--shots", "0"], "shots must be a positive integer or None, got 0"),
