@@ -87,8 +87,6 @@ class QConv2d(nn.Module):
                 "from_conv needs groups=1, dilation=1 and padding_mode='zeros', got "
                 f"groups={conv.groups}, dilation={conv.dilation}, padding_mode={conv.padding_mode!r}"
             )
-        if isinstance(conv.padding, str):
-            raise ValueError(f"from_conv needs numeric padding, got padding={conv.padding!r}")
         layer = nn.utils.skip_init(
             cls, conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
             conv.bias is not None, device=conv.weight.device, dtype=conv.weight.dtype, **options,

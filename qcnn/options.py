@@ -8,7 +8,7 @@ simulation differs has an option that reproduces it (``norms="authors"``,
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -139,6 +139,3 @@ class QConvOptions:
         if self.ae_qubits is not None:
             return self.ae_qubits
         return max(1, math.ceil(math.log2(math.pi / self.epsilon)))
-
-    def describe(self) -> str:
-        return ", ".join(f"{key}={value!r}" for key, value in asdict(self).items())
