@@ -87,6 +87,17 @@ def test_amplitude_estimation_outcomes_match_the_emulation(name, simulator, cosi
     assert_matches_distribution(np.bincount(outcomes, minlength=2**m), expected)
 
 
+def test_amplitude_estimation_of_a_batch_follows_each_states_own_law():
+    """PennyLane runs a batch as one broadcast execution: every row must keep its own state."""
+    cosines, m = (0.3, -0.55, 0.9), 3
+    pairs = [vector_pair(cosine, dimension=3) for cosine in cosines]
+    states = hadamard_states(np.stack([a for a, _ in pairs]), np.stack([f for _, f in pairs]))
+    outcomes = backend("pennylane", None).ae_outcomes(states, m, shots=3000, seed=12)
+    for row, cosine in zip(outcomes, cosines, strict=True):
+        expected = ae_outcome_probabilities(torch.tensor([(1 + cosine) / 2], dtype=torch.float64), m)[0]
+        assert_matches_distribution(np.bincount(row, minlength=2**m), expected)
+
+
 @pytest.mark.parametrize("name,simulator", ALL_BACKENDS, ids=IDS)
 def test_sampled_positions_follow_values(name, simulator):
     values = torch.tensor([0.0, 1.0, 3.0, 0.5, 2.0, 0.0, 4.0, 1.5, 0.25, 2.75])  # K = 10 → 4 qubits

@@ -39,3 +39,11 @@ def counts_from(probabilities: np.ndarray, shots: int, seed: int) -> np.ndarray:
     the bottleneck (``docs/circuits.md``).
     """
     return np.random.default_rng(seed).binomial(shots, np.clip(probabilities, 0.0, 1.0))
+
+
+def outcomes_from(probabilities: np.ndarray, shots: int, seed: int) -> np.ndarray:
+    """``shots`` outcomes per row of exact outcome laws (rows, outcomes), shape (rows, shots),
+    by the inverse CDF of uniform draws: what a per-shot sampler returns, in law."""
+    cdf = np.cumsum(probabilities, axis=1)
+    uniforms = np.random.default_rng(seed).random((len(cdf), shots)) * cdf[:, -1:]
+    return (uniforms[:, :, None] >= cdf[:, None, :]).sum(axis=2).clip(max=cdf.shape[1] - 1)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from qcnn.backends.base import counts_from, fall_back_to_cpu
+from qcnn.backends.base import counts_from, fall_back_to_cpu, outcomes_from
 from qcnn.backends.circuits import ancilla_hadamard, grover_operator, qubits_for
 
 SIMULATORS = ("default.qubit", "lightning.qubit", "lightning.gpu")
@@ -73,24 +73,23 @@ class PennyLaneBackend:
         return counts_from(probabilities[:, 0].cpu().numpy(), shots, seed)
 
     def ae_outcomes(self, states: np.ndarray, m: int, shots: int, seed: int) -> np.ndarray:
+        """The simulator runs phase estimation of every state's Grover operator (one broadcast
+        execution over a batch of prepared states and Grover matrices) to the exact law of
+        the outcome y on the m estimation qubits; the shots are drawn from it."""
         qml = self.qml
         wires = qubits_for(states.shape[1])
         estimation, system = list(range(m)), list(range(m, m + wires))
-        device = self._device(m + wires, seed)
 
-        @qml.set_shots(shots)
-        @qml.qnode(device)
+        @qml.qnode(self._device(m + wires, seed))
         def amplitude_estimation(prepared, grover):
-            qml.StatePrep(prepared, wires=system)  # A|0>
+            qml.StatePrep(prepared, wires=system, validate_norm=False)  # A|0>
             qml.QuantumPhaseEstimation(qml.QubitUnitary(grover, wires=system), estimation_wires=estimation)
-            return qml.sample(wires=estimation)
+            return qml.probs(wires=estimation)  # wire 0 is the most significant bit of y
 
-        powers = 2 ** np.arange(m - 1, -1, -1)  # wire 0 is the most significant bit
-        outcomes = []
-        for state in states:
-            bits = amplitude_estimation(ancilla_hadamard(state), grover_operator(state))
-            outcomes.append(np.asarray(bits).reshape(shots, m) @ powers)
-        return np.stack(outcomes).astype(np.int64)
+        prepared = self._batch(ancilla_hadamard(states))
+        grovers = self._batch(np.stack([grover_operator(state) for state in states]))
+        probabilities = torch.as_tensor(amplitude_estimation(prepared, grovers)).reshape(len(states), 2**m)
+        return outcomes_from(probabilities.cpu().numpy(), shots, seed)
 
     def sample_positions(self, amplitudes: np.ndarray, shots: int, seed: int) -> np.ndarray:
         qml = self.qml
