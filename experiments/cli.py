@@ -192,7 +192,7 @@ def cmd_validate(args: argparse.Namespace) -> None:
 
     backends = args.backends or (NETWORK_BACKENDS if args.network else DEFAULT_BACKENDS)
     if args.bench:
-        run_throughput(backends, args.backend_device, args.pairs, args.shots, args.seed)
+        run_throughput(backends, args.backend_device, args.pairs, args.shots, args.seed, args.ae_qubits)
         return
     QConvOptions(sigma=args.sigma, cap=args.cap, estimator="shots", shots=args.shots)  # the layer's checks
     check_count("--images", args.images)
@@ -400,7 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "trained here")  # fmt: skip
     validate.add_argument("--train-images", type=int, default=10000,
                           help="with --network and no --checkpoint: training images of the in-process CNN")
-    validate.add_argument("--pairs", type=int, default=512, help="with --bench: pairs per run")
+    validate.add_argument("--pairs", type=int, default=32768, help="with --bench: pairs per run")
+    validate.add_argument("--ae-qubits", type=int, default=None,
+                          help="with --bench: time amplitude estimation on this many qubits instead")
     validate.set_defaults(func=cmd_validate)
     return parser
 
