@@ -207,3 +207,17 @@ def test_validate_network_runs_every_layer_on_every_backend(tmp_path, mnist_raw_
     assert all(row["inner_products_per_s"] > 0 for row in rows.values())
     assert "difference to the emulation" in (out / "validate-network.md").read_text()
     assert "| qiskit-aer | AerSimulator on CPU | 6 |" in capsys.readouterr().out
+
+
+def test_validate_first_layer_and_bench_print_their_tables(tmp_path, mnist_raw_dir, capsys):
+    out = tmp_path / "validate"
+    cli.main(["validate", "--images", "2", "--backends", "torch", "qiskit-aer", "--backend-device", "cpu",
+              "--out", str(out)])  # fmt: skip
+    report = json.loads((out / "validate.json").read_text())
+    assert [row["backend"] for row in report["results"]] == ["torch", "qiskit-aer"]
+    assert report["results"][1]["inner_products"] == 2 * 5 * 22 * 22 and "ks_p_value" in report["results"][1]
+    cli.main(["validate", "--bench", "--pairs", "8", "--backends", "pennylane", "--backend-device", "cpu"])
+    cli.main(["validate", "--bench", "--pairs", "4", "--ae-qubits", "2", "--backends", "pennylane",
+              "--backend-device", "cpu"])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert printed.count("| pennylane | default.qubit on CPU | 9 |") == 2 and "| AE qubits |" in printed
