@@ -191,7 +191,7 @@ class _Converter:
             norm = modules[nxt.target]
             if norm.num_features != conv.out_channels or not norm.track_running_stats:
                 return None, None, None, f"{nxt.target} is a BatchNorm2d without running statistics"
-            match.norm = copy.deepcopy(norm)
+            match.norm = norm  # the copy's own module, moved into the layer
             match.steps.append("BatchNorm2d")
             chain.append(nxt)
             nxt = next_node()
@@ -251,7 +251,7 @@ class _Converter:
                 continue
             match, at = _Match(), index + 1
             if at < len(children) and isinstance(children[at], nn.BatchNorm2d):
-                match.norm = copy.deepcopy(children[at])
+                match.norm = children[at]
                 match.steps.append("BatchNorm2d")
                 at += 1
             cap = _relu_module_cap(children[at]) if at < len(children) else False
