@@ -224,3 +224,14 @@ def test_readme_recipe_trains_a_converted_model_with_the_python_api(mnist_small)
     assert losses[-1] < losses[0]
     accuracy = evaluate(model, data.test_images, data.test_labels, loss_fn=torch.nn.functional.cross_entropy)
     assert accuracy["test_accuracy"] > 0.5 and set(accuracy["cost"]) == {"0"}
+
+
+def test_evaluate_takes_a_qcnn_checkpoint_and_sets_the_grid_on_its_layers(mnist_small, tmp_path):
+    from experiments.evaluate import run_evaluate
+
+    train.train_run(TINY, mnist_small, tmp_path / "qcnn", CPU, progress=False)
+    rows = run_evaluate(tmp_path / "qcnn", [0.0], [None, 0.2], [math.inf], 2, mnist_small, CPU, 1,
+                        tmp_path / "eval", progress=False)  # fmt: skip
+    exact = [r["test_accuracy"] for r in rows if r["sigma"] is None]
+    sampled = [r["test_accuracy"] for r in rows if r["sigma"] == 0.2]
+    assert exact[0] == exact[1] and sampled[0] != sampled[1]  # ε = 0 without sampling is deterministic
