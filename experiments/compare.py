@@ -18,7 +18,7 @@ import torch
 
 from experiments.config import RunConfig, run_id
 from experiments.data import Mnist
-from experiments.models import build_model
+from experiments.evaluate import load_checkpoint
 from experiments.plots import plot_curves
 from experiments.train import evaluate, train_run
 from qcnn import convert
@@ -35,19 +35,12 @@ def read_curve(path: Path) -> list[dict]:
         ]
 
 
-def load_trained(config: RunConfig, run_dir: Path, device: torch.device) -> torch.nn.Module:
-    model = build_model(config, device, torch.Generator(device).manual_seed(config.seed))
-    state = torch.load(run_dir / "checkpoint.pt", map_location=device, weights_only=False)
-    model.load_state_dict(state["model"])
-    return model
-
-
 def cnn_through_qcnn(
     config: RunConfig, run_dir: Path, data: Mnist, device: torch.device
 ) -> dict:
     """Test metrics of the trained CNN of ``run_dir`` with its conv blocks run as QConv2d."""
-    cnn = load_trained(replace(config, model="cnn"), run_dir, device)
     generator = torch.Generator(device).manual_seed(config.seed)
+    _, cnn = load_checkpoint(run_dir, device, generator)
     quantum = convert(cnn, generator=generator, **replace(config, model="qcnn").layer_options())
     images, labels = data.test_images[: config.test_limit], data.test_labels[: config.test_limit]
     return evaluate(quantum, images, labels, config.test_batch_size)
