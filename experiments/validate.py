@@ -193,8 +193,8 @@ def network_to_validate(
     """The QCNN of a checkpoint (a CNN's is converted), or else the authors' CNN trained here
     as in the paper (2 epochs) on ``train_images`` and converted; ``options`` set on its layers."""
     if checkpoint is not None:
-        _, model = load_checkpoint(checkpoint, torch.device("cpu"), torch.Generator().manual_seed(seed))
-        if not any(isinstance(m, QConv2d) for m in model.modules()):
+        config, model = load_checkpoint(checkpoint, torch.device("cpu"), torch.Generator().manual_seed(seed))
+        if config.model == "cnn":
             model = convert(model)
     else:
         config = RunConfig(model="cnn", seed=seed)
