@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -71,7 +72,29 @@ def kill_after(out: Path, runs: int, extra: list[str]) -> set[str]:
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+    wait_until_no_run_is_locked(out)
     return finished_runs(out)
+
+
+def wait_until_no_run_is_locked(out: Path) -> None:
+    """Wait for workers that outlive the killed sweep to let go of their runs.
+
+    Ray's workers are not in the sweep's process group: a task running when the sweep is killed
+    may still finish its run afterwards (a task still loading data takes its lock a moment
+    later), so the test reads the store only once every run lock has been free for two seconds.
+    """
+    deadline = time.monotonic() + 120
+    free_since = None
+    while free_since is None or time.monotonic() - free_since < 2.0:
+        assert time.monotonic() < deadline, "a worker of the killed sweep kept its run locked"
+        try:
+            with contextlib.ExitStack() as locks:
+                for folder in (out / "runs").glob("*/"):
+                    locks.enter_context(run_lock(folder))
+            free_since = free_since or time.monotonic()
+        except RunLocked:
+            free_since = None
+        time.sleep(0.1)
 
 
 @pytest.mark.parametrize("launcher", ["local", "ray"])
