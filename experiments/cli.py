@@ -207,10 +207,8 @@ def cmd_validate(args: argparse.Namespace) -> None:
         if args.checkpoint is not None:
             checkpoint_file(Path(args.checkpoint))
         data = load_mnist(args.data_dir, "cpu", train_limit=args.train_images, test_limit=args.images)
-        model = network_to_validate(
-            None if args.checkpoint is None else Path(args.checkpoint), data.train_images, data.train_labels,
-            {"sigma": args.sigma, "cap": args.cap}, args.seed,
-        )  # fmt: skip
+        checkpoint = None if args.checkpoint is None else Path(args.checkpoint)
+        model = network_to_validate(checkpoint, data, {"sigma": args.sigma, "cap": args.cap}, args.seed, out)
         print(f"validate --network: {args.images} test images, backends {', '.join(backends)}, in {out}")
         run_network(model, data.test_images, data.test_labels, backends, args.backend_device, args.shots,
                     args.seed, out)  # fmt: skip
@@ -397,9 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "torch pennylane qiskit-aer)")  # fmt: skip
     validate.add_argument("--checkpoint", default=None,
                           help="with --network: a trained run (CNN or QCNN); default: the authors' CNN, "
-                               "trained here")  # fmt: skip
+                               "trained into --out (once; a rerun reuses it)")  # fmt: skip
     validate.add_argument("--train-images", type=int, default=10000,
-                          help="with --network and no --checkpoint: training images of the in-process CNN")
+                          help="with --network and no --checkpoint: that CNN's training images")
     validate.add_argument("--pairs", type=int, default=32768, help="with --bench: pairs per run")
     validate.add_argument("--ae-qubits", type=int, default=None,
                           help="with --bench: time amplitude estimation on this many qubits instead")

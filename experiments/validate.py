@@ -31,12 +31,11 @@ import torch
 from scipy import stats
 from torch.nn import functional as F
 
-from experiments.config import RunConfig
-from experiments.data import batches
+from experiments.config import RunConfig, run_id
+from experiments.data import Mnist, batches
 from experiments.evaluate import load_checkpoint
 from experiments.files import atomic_write_text
-from experiments.models import build_model, build_optimiser
-from experiments.train import train_epoch
+from experiments.train import train_run
 from qcnn import QConv2d, configure, convert
 from qcnn.backends import get_backend, inner_products, sample_positions
 from qcnn.backends.circuit_layer import receptive_field_pairs
@@ -188,21 +187,18 @@ NETWORK_BACKENDS = ["torch", "pennylane", "qiskit-aer"]
 
 
 def network_to_validate(
-    checkpoint: Path | None, train_images: torch.Tensor, train_labels: torch.Tensor, options: dict, seed: int
+    checkpoint: Path | None, data: Mnist, options: dict, seed: int, out: Path
 ) -> torch.nn.Module:
-    """The QCNN of a checkpoint (a CNN's is converted), or else the authors' CNN trained here
-    as in the paper (2 epochs) on ``train_images`` and converted; ``options`` set on its layers."""
-    if checkpoint is not None:
-        config, model = load_checkpoint(checkpoint, torch.device("cpu"), torch.Generator().manual_seed(seed))
-        if config.model == "cnn":
-            model = convert(model)
-    else:
-        config = RunConfig(model="cnn", seed=seed)
-        model = build_model(config, torch.device("cpu"), torch.Generator())
-        optimiser = build_optimiser(config, model, torch.Generator())
-        order = torch.Generator().manual_seed(seed)
-        for _ in range(config.epochs):
-            train_epoch(model, optimiser, train_images, train_labels, generator=order, progress=False)
+    """The QCNN of a checkpoint (a CNN's is converted), or else of the authors' CNN trained as
+    ``compare`` trains it (2 epochs, seed ``seed``) on ``data``'s training images, in a run
+    folder under ``out`` that a later call reuses; ``options`` set on its layers."""
+    if checkpoint is None:
+        config = RunConfig(model="cnn", seed=seed, train_limit=len(data.train_images),
+                           test_limit=len(data.test_images))  # fmt: skip
+        checkpoint = out / run_id(config)
+        train_run(config, data, checkpoint, torch.device("cpu"), progress=False)
+    config, model = load_checkpoint(checkpoint, torch.device("cpu"), torch.Generator().manual_seed(seed))
+    if config.model == "cnn":
         model = convert(model)
     configure(model, **options)
     return model.eval()
