@@ -53,7 +53,7 @@ def variants(
     for name, (run, options, flag) in chosen.items():
         config = RunConfig.for_net(net, **run)
         try:
-            check_network(config)
+            check_network(config, IMAGE_SHAPE)
         except ValueError as error:  # e.g. the authors' cap order before ResNet's BatchNorm
             log.warning("bench: %s net, %s left out: %s", net, name, error)
             continue
@@ -62,6 +62,7 @@ def variants(
 
 
 log = logging.getLogger(__name__)
+IMAGE_SHAPE = (1, 28, 28)  # the steps run on random images of MNIST's shape
 TWO_CONV_NETS = ("authors", "lenet5")  # whose conv blocks are timed alone too
 
 
@@ -85,7 +86,7 @@ def _training_step(
     model = _model(config, layer_options, device, generator)
     optimiser = build_optimiser(config, model, generator)
     run = torch.compile(model) if compiled else model
-    images = torch.randn(batch, 1, 28, 28, device=device, generator=generator)
+    images = torch.randn(batch, *IMAGE_SHAPE, device=device, generator=generator)
     labels = torch.randint(0, 10, (batch,), device=device, generator=generator)
 
     def step() -> None:
@@ -102,7 +103,7 @@ def _conv_blocks(
     generator = torch.Generator(device).manual_seed(config.seed)
     model = _model(config, layer_options, device, generator)
     blocks = torch.nn.Sequential(*(qconv_layers(model).values() or (model.conv1, model.conv2)))
-    images = torch.randn(batch, 1, 28, 28, device=device, generator=generator)
+    images = torch.randn(batch, *IMAGE_SHAPE, device=device, generator=generator)
 
     def step() -> None:
         model.zero_grad(set_to_none=True)

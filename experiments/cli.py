@@ -1,5 +1,5 @@
-"""Command line: ``python -m experiments {compare,sweep,evaluate,validate,bench} ...`` (also the
-``qcnn`` script)."""
+"""Command line: ``python -m experiments {compare,sweep,evaluate,plot-sweeps,validate,bench} ...``,
+run from the repository's root (the harness is not installed with the ``qcnn`` package)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,10 @@ from qcnn.options import (
 )
 from qcnn.sampling import n_samples
 
+# Backends of ``validate layer`` and ``bench`` (circuit backends), and of ``validate network``
+# (the layer's backends); the first of each is the reference the others are compared with.
+DEFAULT_BACKENDS = ["outcome-law", "pennylane", "pennylane:lightning.qubit", "qiskit-aer"]
+NETWORK_BACKENDS = list(BACKENDS)
 # K of the layer that ``validate`` runs: the authors' first, 5 × 22 × 22 outputs per image.
 VALIDATED_LAYER_OUTPUTS = 5 * 22 * 22
 
@@ -142,11 +146,11 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
     base = run_config(args, seed=args.seed, model="qcnn")  # each run sets its model
     check_count("--seeds", args.seeds)
-    check_network(base)
     out = writable_folder(args.out)
     device = resolve_device(args.device)
     models = ["cnn", "qcnn"] if args.model == "both" else [args.model]
     data = load_mnist(args.data_dir, device)
+    check_network(base, tuple(data.train_images.shape[1:]))
     seeds = list(range(args.seed, args.seed + args.seeds))
     print(f"compare: {', '.join(models)} on {device}, seeds {seeds}, results in {out}")
     started = time.perf_counter()
@@ -178,50 +182,55 @@ def cmd_bench(args: argparse.Namespace) -> None:
         run_bench(devices, args.batch_sizes, args.rounds, args.repeat, args.compile, args.net)
 
 
-def cmd_validate(args: argparse.Namespace) -> None:
-    from experiments.data import load_mnist
-    from experiments.evaluate import checkpoint_file
-    from experiments.validate import (
-        DEFAULT_BACKENDS,
-        NETWORK_BACKENDS,
-        network_to_validate,
-        run_network,
-        run_throughput,
-        run_validate,
-    )
-
-    backends = args.backends or (NETWORK_BACKENDS if args.network else DEFAULT_BACKENDS)
-    if args.bench:
-        run_throughput(backends, args.backend_device, args.pairs, args.shots, args.seed, args.ae_qubits)
-        return
-    QConvOptions(sigma=args.sigma, cap=args.cap, estimator="shots", shots=args.shots)  # the layer's checks
+def validated_layer_options(args: argparse.Namespace) -> QConvOptions:
+    """The options ``validate layer`` and ``validate network`` give the layers: the shots
+    estimator with ``--shots``, ``--sigma`` and ``--cap``, checked by the layer's own checks."""
     check_count("--images", args.images)
-    if args.sigma is None and not args.network:
-        raise CommandError("validate tests the first layer's sampling: give --sigma (none: --network only)")
-    if args.sigma is not None:
-        n_samples(args.sigma, VALIDATED_LAYER_OUTPUTS)
+    return QConvOptions(sigma=args.sigma, cap=args.cap, estimator="shots", shots=args.shots)
+
+
+def cmd_validate_layer(args: argparse.Namespace) -> None:
+    from experiments.data import load_mnist
+    from experiments.validate import run_validate
+
+    options = validated_layer_options(args)
+    n_samples(options.sigma, VALIDATED_LAYER_OUTPUTS)
     out = writable_folder(args.out)
-    if args.network:
-        if unknown := [name for name in backends if name not in BACKENDS]:
-            raise CommandError(f"validate --network: backends must be among {BACKENDS}, got {unknown}")
-        if args.checkpoint is not None:
-            checkpoint_file(Path(args.checkpoint))
-        data = load_mnist(args.data_dir, "cpu", train_limit=args.train_images, test_limit=args.images)
-        checkpoint = None if args.checkpoint is None else Path(args.checkpoint)
-        model = network_to_validate(checkpoint, data, {"sigma": args.sigma, "cap": args.cap}, args.seed, out)
-        print(f"validate --network: {args.images} test images, backends {', '.join(backends)}, in {out}")
-        run_network(model, data.test_images, data.test_labels, backends, args.backend_device, args.shots,
-                    args.seed, out)  # fmt: skip
-        return
     data = load_mnist(args.data_dir, "cpu", train_limit=1, test_limit=args.images)
-    print(f"validate: {args.images} test images, backends {', '.join(backends)}, results in {args.out}")
-    run_validate(data.test_images, backends, args.backend_device, args.shots, args.sigma, args.cap,
-                 args.seed, out)  # fmt: skip
+    print(f"validate layer: {args.images} test images, backends {', '.join(args.backends)}, results in {out}")
+    run_validate(data.test_images, args.backends, args.backend_device, options, args.seed, out)
+
+
+def cmd_validate_network(args: argparse.Namespace) -> None:
+    from experiments.data import load_mnist
+    from experiments.runfolder import checkpoint_file
+    from experiments.validate import network_to_validate, run_network
+
+    options = validated_layer_options(args)
+    if unknown := [name for name in args.backends if name not in BACKENDS]:
+        raise CommandError(f"validate network: backends must be among {BACKENDS}, got {unknown}")
+    if args.checkpoint is not None:
+        checkpoint_file(Path(args.checkpoint))
+    out = writable_folder(args.out)
+    data = load_mnist(args.data_dir, "cpu", train_limit=args.train_images, test_limit=args.images)
+    checkpoint = None if args.checkpoint is None else Path(args.checkpoint)
+    layer_options = {"sigma": options.sigma, "cap": options.cap}
+    model = network_to_validate(checkpoint, data, layer_options, args.seed, out)
+    print(f"validate network: {args.images} test images, backends {', '.join(args.backends)}, in {out}")
+    run_network(model, data.test_images, data.test_labels, args.backends, args.backend_device,
+                options.n_shots, args.seed, out)  # fmt: skip
+
+
+def cmd_validate_bench(args: argparse.Namespace) -> None:
+    from experiments.validate import run_throughput
+
+    run_throughput(args.backends, args.backend_device, args.pairs, args.shots, args.seed, args.ae_qubits)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from experiments.data import load_mnist
-    from experiments.evaluate import checkpoint_file, format_summary, run_evaluate
+    from experiments.evaluate import format_summary, run_evaluate
+    from experiments.runfolder import checkpoint_file
 
     check_count("--repeats", args.repeats)
     checkpoint_file(Path(args.checkpoint))
@@ -237,7 +246,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def sweep_configs(args: argparse.Namespace) -> list[RunConfig]:
-    """The runs a ``sweep`` command line asks for: grid axes, preset or config file, × seeds."""
+    """The runs a ``sweep`` command line asks for: grid axes, preset or config file, × seeds,
+    each checked on the data's image shape."""
+    from experiments.data import load_mnist
     from experiments.sweep import PAPER_GRID, expand_grid
 
     grid = {name: getattr(args, name) for name in ("epsilon", "cap", "sigma", "delta")}
@@ -254,8 +265,9 @@ def sweep_configs(args: argparse.Namespace) -> list[RunConfig]:
     scalars = {name: values[0] for name, values in grid.items()}
     base = run_config(args, model="qcnn", seed=seeds[0], **{**scalars, **base_fields})
     configs = expand_grid(base, grid, seeds, with_cnn=not args.no_cnn)
+    image_shape = tuple(load_mnist(args.data_dir, "cpu", train_limit=1, test_limit=1).train_images.shape[1:])
     for config in {replace(c, seed=seeds[0]) for c in configs if c.model == "qcnn"}:
-        check_network(config)
+        check_network(config, image_shape)
     return configs
 
 
@@ -324,8 +336,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="QCNN (Kerenidis, Landman, Prakash, ICLR 2020) experiments on MNIST.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    verbosity = argparse.ArgumentParser(add_help=False)  # every command's -v / -q
+    group = verbosity.add_argument_group("messages")
+    group.add_argument("-v", "--verbose", action="count", default=0,
+                       help="more messages: -v at INFO (e.g. convert's summary), -vv at DEBUG (its report)")
+    group.add_argument("-q", "--quiet", action="store_true", help="errors only, no progress bars")
 
-    compare = sub.add_parser("compare", help="train CNN and QCNN on MNIST and compare them")
+    compare = sub.add_parser("compare", parents=[verbosity],
+                             help="train CNN and QCNN on MNIST and compare them")  # fmt: skip
     compare.add_argument("--model", choices=("cnn", "qcnn", "both"), default="both")
     compare.add_argument("--seed", type=int, default=DEFAULTS.seed, help="first seed")
     compare.add_argument("--seeds", type=int, default=1, help="number of seeds (seed, seed+1, ...)")
@@ -333,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_options(compare)
     compare.set_defaults(func=cmd_compare)
 
-    bench = sub.add_parser("bench", help="time QCNN against CNN training steps (not a test)")
+    bench = sub.add_parser("bench", parents=[verbosity],
+                           help="time QCNN against CNN training steps (not a test)")  # fmt: skip
     bench.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 512])
     bench.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds")
     bench.add_argument("--repeat", type=int, default=5, help="steps per round")
@@ -346,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="instead of timing, profile 10 steps of each variant at the first batch size")
     bench.set_defaults(func=cmd_bench)
 
-    sweep = sub.add_parser("sweep", help="grid over σ, ε, C, δ × seeds; resumable and parallel")
+    sweep = sub.add_parser("sweep", parents=[verbosity],
+                           help="grid over σ, ε, C, δ × seeds; resumable and parallel")  # fmt: skip
     sweep.add_argument("--preset", choices=("paper",), help="paper: the authors' 40-configuration grid")
     sweep.add_argument("--config", help='JSON: {"grid": {field: [values]}, "seeds": [...], field: value}')
     sweep.add_argument("--seed", type=int, default=DEFAULTS.seed, help="first seed")
@@ -359,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_options(sweep, grid=True)
     sweep.set_defaults(func=cmd_sweep)
 
-    evaluate = sub.add_parser("evaluate", help="a trained network through the QCNN forward, over a grid")
+    evaluate = sub.add_parser("evaluate", parents=[verbosity],
+                              help="a trained network through the QCNN forward, over a grid")  # fmt: skip
     evaluate.add_argument("checkpoint", help="a run folder or its checkpoint.pt, of a CNN or a QCNN")
     evaluate.add_argument("--epsilon", type=float, nargs="+", default=[0.0, 0.01, 0.1], help="errors ε")
     evaluate.add_argument("--sigma", type=optional_float, nargs="+", default=[DEFAULTS.sigma],
@@ -373,43 +394,57 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
     evaluate.set_defaults(func=cmd_evaluate)
 
-    plot = sub.add_parser("plot-sweeps", help="accuracy against σ of several sweep stores, side by side")
+    plot = sub.add_parser("plot-sweeps", parents=[verbosity],
+                          help="accuracy against σ of several sweep stores, side by side")  # fmt: skip
     plot.add_argument("stores", nargs="+", help="sweep --out folders, one panel each")
     plot.add_argument("--out", default="runs/accuracy_vs_sigma.png", help="the figure (PNG)")
     plot.set_defaults(func=cmd_plot_sweeps)
 
-    validate = sub.add_parser("validate", help="check the emulation against circuits on the first layer")
-    validate.add_argument("--images", type=int, default=8, help="MNIST test images")
-    validate.add_argument("--backends", nargs="+", default=None,
-                          help="name or name:simulator (not with --network); the first is the reference")
-    validate.add_argument("--backend-device", choices=BACKEND_DEVICES, default="auto")
-    validate.add_argument("--shots", type=int, default=100, help="Hadamard-test shots per inner product")
-    validate.add_argument("--sigma", type=optional_float, default=0.5, help="σ ('none' only with --network)")
-    validate.add_argument("--cap", type=float, default=10.0)
-    validate.add_argument("--seed", type=int, default=1)
-    validate.add_argument("--data-dir", default=None)
-    validate.add_argument("--out", default="runs/validate")
-    validate.add_argument("--bench", action="store_true", help="time inner products for 5-9 qubits instead")
-    validate.add_argument("--network", action="store_true",
-                          help="a whole network on circuits instead of the first layer (default backends: "
-                               "torch pennylane qiskit-aer)")  # fmt: skip
-    validate.add_argument("--checkpoint", default=None,
-                          help="with --network: a trained run (CNN or QCNN); default: the authors' CNN, "
-                               "trained into --out (once; a rerun reuses it)")  # fmt: skip
-    validate.add_argument("--train-images", type=int, default=10000,
-                          help="with --network and no --checkpoint: that CNN's training images")
-    validate.add_argument("--pairs", type=int, default=32768, help="with --bench: pairs per run")
-    validate.add_argument("--ae-qubits", type=int, default=None,
-                          help="with --bench: time amplitude estimation on this many qubits instead")
-    validate.set_defaults(func=cmd_validate)
+    validate = sub.add_parser("validate", help="check the emulation against circuits (layer, network, bench)")
+    jobs = validate.add_subparsers(dest="job", required=True)
+    layer = jobs.add_parser("layer", parents=[verbosity],
+                            help="the authors' first layer on circuits against the outcome law")  # fmt: skip
+    layer.add_argument("--backends", nargs="+", default=DEFAULT_BACKENDS,
+                       help="name or name:simulator; the first is the reference")  # fmt: skip
+    layer.add_argument("--sigma", type=float, default=DEFAULTS.sigma, help="sampling ratio σ")
+    network = jobs.add_parser("network", parents=[verbosity],
+                              help="a whole trained network on circuits against the emulation")  # fmt: skip
+    network.add_argument("--backends", nargs="+", default=NETWORK_BACKENDS,
+                         help=f"among {BACKENDS}; the first is the reference")  # fmt: skip
+    network.add_argument("--sigma", type=optional_float, default=DEFAULTS.sigma, help="σ, or 'none'")
+    network.add_argument("--checkpoint", default=None,
+                         help="a trained run (CNN or QCNN); default: the authors' CNN, trained into --out "
+                              "(once; a rerun reuses it)")  # fmt: skip
+    network.add_argument("--train-images", type=int, default=10000,
+                         help="with no --checkpoint: that CNN's training images")  # fmt: skip
+    for job, out in ((layer, "runs/validate"), (network, "runs/validate-network")):
+        job.add_argument("--images", type=int, default=8, help="MNIST test images")
+        job.add_argument("--shots", type=int, default=100, help="Hadamard-test shots per inner product")
+        job.add_argument("--cap", type=float, default=DEFAULTS.cap, help="ReLU cap C")
+        job.add_argument("--data-dir", default=None, help="folder with the MNIST IDX files")
+        job.add_argument("--out", default=out)
+    bench = jobs.add_parser("bench", parents=[verbosity], help="time inner products for 5-9 qubits")
+    bench.add_argument("--backends", nargs="+", default=DEFAULT_BACKENDS, help="name or name:simulator")
+    bench.add_argument("--shots", type=int, default=100, help="Hadamard-test shots per inner product")
+    bench.add_argument("--pairs", type=int, default=32768, help="pairs per run")
+    bench.add_argument("--ae-qubits", type=int, default=None,
+                       help="time amplitude estimation on this many qubits instead")  # fmt: skip
+    commands = {layer: cmd_validate_layer, network: cmd_validate_network, bench: cmd_validate_bench}
+    for job, command in commands.items():
+        job.add_argument("--backend-device", choices=BACKEND_DEVICES, default="auto")
+        job.add_argument("--seed", type=int, default=1)
+        job.set_defaults(func=command)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run a command. A user error (bad option, file or data, a diverged run, a run folder in
     use) ends in one line, ``error: ...``, and exit status 1; Ctrl-C in exit status 130."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    level = logging.ERROR if args.quiet else max(logging.DEBUG, logging.WARNING - 10 * args.verbose)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+    if args.quiet and hasattr(args, "no_progress"):
+        args.no_progress = True
     try:
         args.func(args)
     except KeyboardInterrupt:

@@ -20,19 +20,13 @@ from experiments.config import RunConfig, run_id
 from experiments.data import Mnist
 from experiments.evaluate import load_checkpoint
 from experiments.plots import plot_curves
-from experiments.train import evaluate, train_run
+from experiments.runfolder import read_curve
+from experiments.train import train_run
 from qcnn import convert
+from qcnn.training import evaluate
 
 LABELS = {"cnn": "CNN", "qcnn": "QCNN", "cnn-qcnn-test": "CNN train / QCNN test"}
 SUMMARY_FIELDS = ("model", "seed", "test_accuracy", "test_loss", "train_seconds", "diverged")
-
-
-def read_curve(path: Path) -> list[dict]:
-    with open(path, newline="") as handle:
-        return [
-            {"images_seen": int(row["images_seen"]), "loss": float(row["loss"])}
-            for row in csv.DictReader(handle)
-        ]
 
 
 def cnn_through_qcnn(
@@ -41,7 +35,7 @@ def cnn_through_qcnn(
     """Test metrics of the trained CNN of ``run_dir`` with its conv blocks run as QConv2d."""
     generator = torch.Generator(device).manual_seed(config.seed)
     _, cnn = load_checkpoint(run_dir, device, generator)
-    quantum = convert(cnn, generator=generator, **replace(config, model="qcnn").layer_options())
+    quantum = convert(cnn, config.layer_options, generator=generator)
     images, labels = data.test_images[: config.test_limit], data.test_labels[: config.test_limit]
     return evaluate(quantum, images, labels, config.test_batch_size)
 
@@ -64,7 +58,7 @@ def run_compare(
             config = replace(base, model=model, seed=seed)
             run_dir = out / run_id(config)
             metrics = train_run(config, data, run_dir, device, progress)
-            curves.setdefault(LABELS[model], []).append(read_curve(run_dir / "curve.csv"))
+            curves.setdefault(LABELS[model], []).append(read_curve(run_dir))
             diverged = "diverged" in metrics
             rows.append({"model": model, "seed": seed, **{k: metrics[k] for k in SUMMARY_FIELDS[2:-1]},
                          "diverged": diverged})  # fmt: skip

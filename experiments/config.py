@@ -6,10 +6,12 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, fields
+from functools import cached_property
 
 from classical import NETWORKS
-from qcnn.options import QConvOptions
+from qcnn.options import QConvOptions, is_integer, is_number
 
+LAYER = QConvOptions()  # the layer's defaults, which are the runs' defaults
 MODES = ("theory", "authors")
 OPTIMIZERS = ("sgd", "adam")
 OVERRIDES = ("norms", "cap_order")  # layer options that can depart from the mode's choice
@@ -30,14 +32,6 @@ RECIPES = {
 }
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
 @dataclass(frozen=True)
 class RunConfig:
     """A training run of the classical CNN or the QCNN.
@@ -51,14 +45,14 @@ class RunConfig:
 
     model: str = "qcnn"  # "cnn" or "qcnn"
     net: str = "authors"  # a key of classical.NETWORKS
-    epsilon: float = 0.01
-    cap: float = 10.0
-    sigma: float | None = 0.5
-    delta: float = 0.01
+    epsilon: float = LAYER.epsilon
+    cap: float = LAYER.cap
+    sigma: float | None = LAYER.sigma
+    delta: float = LAYER.delta
     mode: str = "theory"
-    estimator: str = "gaussian"
-    sampling: str = "linear"
-    backprop: str = "gaussian"
+    estimator: str = LAYER.estimator
+    sampling: str = LAYER.sampling
+    backprop: str = LAYER.backprop
     norms: str | None = None  # None: the mode's ("exact" in theory, "authors" in authors)
     cap_order: str | None = None  # None: the mode's
     epochs: int = 2
@@ -83,36 +77,37 @@ class RunConfig:
             raise ValueError(f"momentum is an SGD option: use momentum 0 with adam, got {self.momentum}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if not _is_int(self.seed):
+        if not is_integer(self.seed):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         for name in ("epochs", "batch_size", "test_batch_size", "log_every"):
             value = getattr(self, name)
-            if not (_is_int(value) and value >= 1):
+            if not (is_integer(value) and value >= 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         for name in ("train_limit", "test_limit"):
             value = getattr(self, name)
-            if value is not None and not (_is_int(value) and value >= 1):
+            if value is not None and not (is_integer(value) and value >= 1):
                 raise ValueError(f"{name} must be None (all images) or an integer >= 1, got {value!r}")
-        if not (_is_number(self.lr) and self.lr > 0 and math.isfinite(self.lr)):
+        if not (is_number(self.lr) and self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
-        if not (_is_number(self.momentum) and self.momentum >= 0 and math.isfinite(self.momentum)):
+        if not (is_number(self.momentum) and self.momentum >= 0 and math.isfinite(self.momentum)):
             raise ValueError(f"momentum must be a finite number >= 0, got {self.momentum!r}")
-        QConvOptions(**self.layer_options())  # the layer's own checks, before any work
+        _ = self.layer_options  # the layer's own checks, before any work
 
-    def layer_options(self) -> dict:
-        """Keyword options of ``qcnn.QConv2d`` for this run."""
+    @cached_property
+    def layer_options(self) -> QConvOptions:
+        """The options of this run's ``qcnn.QConv2d`` layers (built once, then passed on)."""
         authors = self.mode == "authors"
-        return {
-            "epsilon": self.epsilon,
-            "cap": self.cap,
-            "sigma": self.sigma,
-            "estimator": self.estimator,
-            "sampling": self.sampling,
-            "norms": self.norms or ("authors" if authors else "exact"),
-            "cap_order": self.cap_order or ("authors" if authors else "theory"),
-            "delta": 0.0 if authors else self.delta,
-            "backprop": "exact" if authors else self.backprop,
-        }
+        return QConvOptions(
+            epsilon=self.epsilon,
+            cap=self.cap,
+            sigma=self.sigma,
+            estimator=self.estimator,
+            sampling=self.sampling,
+            norms=self.norms or ("authors" if authors else "exact"),
+            cap_order=self.cap_order or ("authors" if authors else "theory"),
+            delta=0.0 if authors else self.delta,
+            backprop="exact" if authors else self.backprop,
+        )
 
     @property
     def optimiser_delta(self) -> float:

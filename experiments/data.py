@@ -25,7 +25,6 @@ import tarfile
 import tempfile
 import urllib.request
 import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -234,22 +233,3 @@ def load_mnist(
         raw["test_labels"][:test_limit].long().to(device),
     )
 
-
-def batches(
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    batch_size: int,
-    generator: torch.Generator | None = None,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Mini-batches by indexing; shuffled with ``generator`` when one is given."""
-    n = len(images)
-    if generator is None:
-        order = None
-    else:
-        order = torch.randperm(n, generator=generator, device=generator.device).to(images.device)
-    for start in range(0, n, batch_size):
-        if order is None:
-            yield images[start : start + batch_size], labels[start : start + batch_size]
-        else:
-            index = order[start : start + batch_size]
-            yield images[index], labels[index]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import itertools
 import statistics
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -23,8 +22,9 @@ from experiments.config import RunConfig
 from experiments.data import Mnist
 from experiments.models import build_model
 from experiments.plots import plot_accuracy
-from experiments.train import UNREADABLE, evaluate
+from experiments.runfolder import read_checkpoint
 from qcnn import configure, convert
+from qcnn.training import evaluate
 
 FIELDS = ("epsilon", "sigma", "cap", "repeat", "test_accuracy", "test_loss")
 
@@ -33,23 +33,11 @@ def load_checkpoint(
     path: Path, device: torch.device, generator: torch.Generator
 ) -> tuple[RunConfig, torch.nn.Module]:
     """The run configuration and trained network of a run folder or its ``checkpoint.pt``."""
-    file = checkpoint_file(path)
-    try:
-        state = torch.load(file, map_location=device, weights_only=False)
-        config = RunConfig.from_dict(state["config"])
-    except UNREADABLE as error:
-        raise ValueError(f"{file} is not a readable checkpoint ({type(error).__name__}: {error})") from None
+    state = read_checkpoint(path, device)
+    config = RunConfig.from_dict(state["config"])
     model = build_model(config, device, generator)
     model.load_state_dict(state["model"])
     return config, model
-
-
-def checkpoint_file(path: Path) -> Path:
-    """The checkpoint of a run folder, or ``path`` itself; ValueError if there is none."""
-    file = path / "checkpoint.pt" if path.is_dir() else path
-    if not file.is_file():
-        raise ValueError(f"no checkpoint at {file} (give a run folder or its checkpoint.pt)")
-    return file
 
 
 def run_evaluate(
@@ -69,7 +57,7 @@ def run_evaluate(
     generator = torch.Generator(device).manual_seed(seed)
     config, model = load_checkpoint(checkpoint, device, generator)
     if config.model == "cnn":
-        model = convert(model, generator=generator, **replace(config, model="qcnn").layer_options())
+        model = convert(model, config.layer_options, generator=generator)
     images, labels = data.test_images[: config.test_limit], data.test_labels[: config.test_limit]
     grid = list(itertools.product(epsilons, sigmas, caps))
     rows = []

@@ -19,7 +19,7 @@ def build_model(config: RunConfig, device: torch.device, generator: torch.Genera
     torch.manual_seed(config.seed)
     model = NETWORKS[config.net]()
     if config.model == "qcnn":
-        model = convert(model, generator=generator, **config.layer_options())
+        model = convert(model, config.layer_options, generator=generator)
     return model.to(device)
 
 
@@ -41,15 +41,16 @@ def build_optimiser(
     return optimiser
 
 
-def check_network(config: RunConfig) -> None:
+def check_network(config: RunConfig, image_shape: tuple[int, ...]) -> None:
     """ValueError, before any training, for a run its network cannot do: one forward pass of
-    two blank images through the run's model finds what the layer would only find then, e.g.
-    σ that draws no sample (⌊σK⌋ = 0) or the authors' cap order before a BatchNorm."""
+    two blank images of the data's ``image_shape`` (C, H, W) through the run's model finds
+    what the layer would only find then, e.g. σ that draws no sample (⌊σK⌋ = 0), a kernel
+    larger than a feature map or the authors' cap order before a BatchNorm."""
     if config.model != "qcnn":
         return
     model = build_model(config, torch.device("cpu"), torch.Generator()).eval()
     with torch.no_grad():
-        model(torch.zeros(2, 1, 28, 28))
+        model(torch.zeros(2, *image_shape))
 
 
 def qconv_layers(model: nn.Module) -> dict[str, QConv2d]:

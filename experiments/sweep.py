@@ -26,11 +26,11 @@ from pathlib import Path
 
 import torch
 
-from experiments.compare import read_curve
 from experiments.config import OMITTED_AT, RunConfig, run_id
 from experiments.files import RunLocked
 from experiments.plots import plot_accuracy, plot_accuracy_panels, plot_curves
-from experiments.train import finite_mean, read_finished, read_metrics
+from experiments.runfolder import read_curve, read_finished, read_metrics
+from qcnn.training import finite_mean
 
 # The authors' grid (docs/algorithm.md §6): 2 × 2 × 5 × 2 = 40 QCNN configurations, plus the CNN.
 PAPER_GRID = {
@@ -42,6 +42,13 @@ PAPER_GRID = {
 AXES = ("epsilon", "cap", "delta")  # one line / one figure per combination of these
 COST_FIELDS = ("max_norm_product", "mean_activation", "distinct_fraction", "eta", "quantum_cost",
                "classical_cost", "speedup")  # fmt: skip
+COST_SEPARATOR = ":"  # a results column "<layer>:<cost field>"; layer names hold dots and underscores
+SPEEDUP = f"{COST_SEPARATOR}speedup"
+
+
+def speedup_layers(rows: list[dict]) -> list[str]:
+    """The quantum layers whose speed-up the rows report, in the order they first appear."""
+    return list(dict.fromkeys(key[: -len(SPEEDUP)] for row in rows for key in row if key.endswith(SPEEDUP)))
 
 
 def expand_grid(
@@ -164,7 +171,7 @@ def collect(out: Path) -> list[dict]:
                "test_loss": metrics["test_loss"], "train_seconds": metrics["train_seconds"],
                "diverged": "diverged" in metrics}  # fmt: skip
         for layer, cost in metrics.get("cost", {}).items():
-            row.update({f"{layer}_{field}": cost[field] for field in COST_FIELDS})
+            row.update({f"{layer}{COST_SEPARATOR}{field}": cost[field] for field in COST_FIELDS})
         rows.append(row)
     return rows
 
@@ -216,10 +223,9 @@ def summarise(rows: list[dict]) -> list[dict]:
                  "accuracy_mean": statistics.mean(accuracy) if accuracy else math.nan,
                  "accuracy_std": statistics.stdev(accuracy) if len(accuracy) > 1 else 0.0,
                  "train_seconds_mean": statistics.mean(r["train_seconds"] for r in group)}  # fmt: skip
-        for layer in ("conv1", "conv2"):
-            values = [r[f"{layer}_speedup"] for r in trained if f"{layer}_speedup" in r]
-            if values:
-                entry[f"{layer}_speedup"] = finite_mean(values)
+        for layer in speedup_layers(trained):
+            values = [r[layer + SPEEDUP] for r in trained if layer + SPEEDUP in r]
+            entry[layer + SPEEDUP] = finite_mean(values)
         summary.append(entry)
     return summary
 
@@ -259,11 +265,11 @@ def write_reports(out: Path) -> list[dict]:
     (out / "summary.md").write_text(summary_markdown(summary))
     if series := sigma_series(summary, labelled):
         plot_accuracy(series, out / "accuracy_vs_sigma.png")
-    cnn_runs = [read_curve(out / "runs" / r["run"] / "curve.csv") for r in rows if r["model"] == "cnn"]
+    cnn_runs = [read_curve(out / "runs" / r["run"]) for r in rows if r["model"] == "cnn"]
     figures: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
         if row["model"] == "qcnn":
-            curve = read_curve(out / "runs" / row["run"] / "curve.csv")
+            curve = read_curve(out / "runs" / row["run"])
             key = (*(row[a] for a in AXES), variant(row, labelled))
             figures[key][f"σ={row['sigma']}"].append(curve)
     for (epsilon, cap, delta, kind), curves in figures.items():
@@ -287,18 +293,18 @@ def accuracy_cell(entry: dict) -> str:
 
 def summary_markdown(summary: list[dict]) -> str:
     labelled = varying(summary)
+    layers = speedup_layers(summary)
     lines = [
-        "| model | mode, options | ε | C | σ | δ | seeds | test accuracy % | conv1 speedup | conv2 speedup "
-        "| train s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | mode, options | ε | C | σ | δ | seeds | test accuracy % | "
+        + "".join(f"{layer} speedup | " for layer in layers) + "train s |",
+        "|" + "---|" * (9 + len(layers)),
     ]
     for e in summary:
         quantum = e["model"] == "qcnn"
         cells = [e["model"], variant(e, labelled) if quantum else "", *(f"{e[k]}" if quantum else "" for k in
                  ("epsilon", "cap", "sigma", "delta")), str(e["seeds"]),
                  accuracy_cell(e),
-                 *(f"{e[f'{layer}_speedup']:.3g}" if f"{layer}_speedup" in e else "" for layer in
-                   ("conv1", "conv2")),
+                 *(f"{e[layer + SPEEDUP]:.3g}" if layer + SPEEDUP in e else "" for layer in layers),
                  f"{e['train_seconds_mean']:.1f}"]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

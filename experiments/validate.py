@@ -10,9 +10,9 @@ For each backend, on k MNIST test images:
   (10k − k degrees of freedom) tests p ∝ f;
 - throughput: inner products per second and sampled images per second.
 
-``--bench`` instead times the Hadamard test alone for 5 to 9 qubits on every backend.
+``validate bench`` instead times the Hadamard test alone for 5 to 9 qubits on every backend.
 
-``--network`` (:func:`run_network`) runs a whole trained network instead: every inner product
+``validate network`` (:func:`run_network`) runs a whole trained network instead: every inner product
 of every QCNN layer, and every sampling step, on each backend in turn (``torch``, the
 emulation, first), with the same estimator, on the same test images; it reports each
 accuracy, the paired difference to the emulation with its 95 % confidence interval, and the
@@ -32,19 +32,19 @@ from scipy import stats
 from torch.nn import functional as F
 
 from experiments.config import RunConfig, run_id
-from experiments.data import Mnist, batches
+from experiments.data import Mnist
 from experiments.evaluate import load_checkpoint
 from experiments.files import atomic_write_text
 from experiments.train import train_run
 from qcnn import QConv2d, configure, convert
 from qcnn.backends import get_backend, inner_products, sample_positions
 from qcnn.backends.circuit_layer import receptive_field_pairs
+from qcnn.options import QConvOptions
 from qcnn.sampling import n_samples
+from qcnn.training import batches
 
 BINS = 10
 
-
-DEFAULT_BACKENDS = ["torch", "pennylane", "pennylane:lightning.qubit", "qiskit-aer"]
 
 
 def open_backend(spec: str, device: str):
@@ -71,13 +71,13 @@ def run_validate(
     images: torch.Tensor,
     backends: list[str],
     device: str,
-    shots: int,
-    sigma: float,
-    cap: float,
+    options: QConvOptions,
     seed: int,
     out: Path,
 ) -> dict:
-    """Run every backend on ``images`` and write ``validate.json`` and ``validate.md``."""
+    """Run every backend on ``images`` with ``options``' shots, σ and C; write
+    ``validate.json`` and ``validate.md``."""
+    shots, sigma, cap = options.n_shots, options.sigma, options.cap
     torch.manual_seed(seed)
     conv = torch.nn.Conv2d(1, 5, 7).double()  # the authors' first layer, nn.Conv2d's initialisation
     images = images.double()
@@ -126,7 +126,7 @@ def run_validate(
 
 
 HEADER = (
-    "| backend | device | inner products | error mean | error std (theory) | KS p vs torch "
+    "| backend | device | inner products | error mean | error std (theory) | KS p vs the first "
     "| sampling χ² / dof (p) | inner products/s | images sampled/s |"
 )
 
@@ -182,8 +182,6 @@ def run_throughput(
                   f"| {row['per_s']:,.0f} |")  # fmt: skip
     return rows
 
-
-NETWORK_BACKENDS = ["torch", "pennylane", "qiskit-aer"]
 
 
 def network_to_validate(

@@ -22,7 +22,6 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
-from qcnn.accel import rng
 from qcnn.accel.fused import kernels_for
 
 
@@ -39,6 +38,8 @@ def noisy_gradient(
     flat = gradient.reshape(rows, -1)
     if model == "gaussian":
         norms = torch.linalg.vector_norm(flat, dim=1, keepdim=True)
+        from qcnn.accel import rng  # compiled with numba: imported at first use, not with qcnn
+
         noise = rng.randn(flat.shape, generator, flat.device, flat.dtype)
         return torch.addcmul(flat, norms, noise, value=delta, out=noise).view_as(gradient)
     if model == "tomography":

@@ -21,13 +21,14 @@ from __future__ import annotations
 import copy
 import logging
 import operator
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
-from qcnn.layer import QConv2d, updated_options
+from qcnn.layer import QConv2d
 from qcnn.options import QConvOptions
 
 log = logging.getLogger(__name__)
@@ -49,26 +50,53 @@ class ConversionReport:
     converted: dict[str, str] = field(default_factory=dict)  # name -> the pattern replaced
     skipped: dict[str, str] = field(default_factory=dict)  # name -> why it stayed classical
 
+    def summary(self) -> str:
+        """One line: how many convolutions were converted, how many left classical and why."""
+        total = len(self.converted) + len(self.skipped)
+        text = f"{len(self.converted)} of {total} Conv2d converted to QConv2d"
+        if self.skipped:
+            kinds = Counter(reason.split(" (")[0].split(":")[0] for reason in self.skipped.values())
+            why = ", ".join(f"{count} {kind}" for kind, count in kinds.most_common())
+            text += f"; {len(self.skipped)} left classical ({why}); see conversion_report"
+        return text
+
     def __str__(self) -> str:
         lines = [f"{name}: QConv2d ({pattern})" for name, pattern in self.converted.items()]
         lines += [f"{name}: left classical ({reason})" for name, reason in self.skipped.items()]
         return "\n".join(lines)
 
 
-def convert(model: nn.Module, *, generator: torch.Generator | None = None, **options) -> nn.Module:
+def convert(
+    model: nn.Module,
+    options: QConvOptions | None = None,
+    *,
+    generator: torch.Generator | None = None,
+    **overrides: object,
+) -> nn.Module:
     """A copy of ``model`` with every convertible conv → [BN] → [+ shortcut] → ReLU pattern
     replaced by a :class:`~qcnn.QConv2d`; ``model`` is left untouched.
 
-    ``options`` are those of :class:`~qcnn.QConvOptions` (``epsilon``, ``cap``, ``sigma``,
-    ...), given to every new layer, with ``generator`` for their randomness; a ReLU6 or
-    Hardtanh(0, C) sets that layer's cap instead of ``cap``. The copy's
-    ``conversion_report`` (a :class:`ConversionReport`, also logged) names each convolution
-    converted, and each left classical with the reason. ValueError for a non-module, an
-    unknown or invalid option, or a model with no convertible convolution.
+    ``options`` (a :class:`~qcnn.QConvOptions`, its defaults if None) with ``overrides``
+    (``epsilon=``, ``cap=``, ``sigma=``, ...: any of its fields) are given to every new
+    layer, with ``generator`` for their randomness; a ReLU6 or Hardtanh(0, C) sets that
+    layer's cap instead. Each layer takes its convolution's place, so the convolutions keep
+    their state_dict keys; a BatchNorm moves into the layer (``norm``), and
+    :func:`classical_state_dict` and :func:`load_classical` translate its keys between the
+    two models. The copy's ``conversion_report`` (a :class:`ConversionReport`) names each
+    convolution converted, and each left classical with the reason; one summary line is
+    logged at INFO, the whole report at DEBUG. ValueError for a non-module or a TorchScript
+    module, an unknown or invalid option, or a model with no convertible convolution.
     """
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ValueError(
+            f"convert needs the nn.Module itself, got a TorchScript {type(model).__name__}: "
+            "convert the model first, then torch.jit.script the result"
+        )
     if not isinstance(model, nn.Module):
         raise ValueError(f"convert needs a torch.nn.Module, got {type(model).__name__}")
-    updated_options(QConvOptions(), options)  # unknown or invalid options fail here, once
+    if options is not None and not isinstance(options, QConvOptions):
+        raise ValueError(f"options must be a QConvOptions or None, got {options!r}")
+    options = (options or QConvOptions()).with_changes(**overrides)  # fails here, once
     report = ConversionReport()
     converted = _Converter(options, generator, report).convert(copy.deepcopy(model), "")
     for name, module in model.named_modules():
@@ -77,25 +105,62 @@ def convert(model: nn.Module, *, generator: torch.Generator | None = None, **opt
     if not report.converted:
         reasons = "; ".join(f"{name}: {why}" for name, why in report.skipped.items()) or "it has no Conv2d"
         raise ValueError(f"{type(model).__name__} has no convolution that can become a QConv2d ({reasons})")
-    for name, pattern in report.converted.items():
-        log.info("convert: %s -> QConv2d (%s)", name, pattern)
-    for name, reason in report.skipped.items():  # a shortcut's convolution is classical by design
-        level = logging.INFO if reason == _SHORTCUT else logging.WARNING
-        log.log(level, "convert: %s left classical: %s", name, reason)
+    log.info("convert: %s", report.summary())
+    log.debug("convert: the conversion report of %s:\n%s", type(model).__name__, report)
     converted.conversion_report = report
     return converted
 
 
-def configure(model: nn.Module, **options) -> list[str]:
-    """Set ``options`` on every :class:`~qcnn.QConv2d` of ``model`` (validated for every
-    layer before any changes); returns the layers' names. ValueError if there is none."""
+def configure(model: nn.Module, **overrides: object) -> list[str]:
+    """Set options on every :class:`~qcnn.QConv2d` of ``model`` (validated for every layer
+    before any changes), e.g. ``configure(model, epsilon=0.1)``; returns the layers' names.
+    ValueError if there is none."""
     layers = {name: m for name, m in model.named_modules() if isinstance(m, QConv2d)}
     if not layers:
         raise ValueError(f"{type(model).__name__} holds no QConv2d to configure")
-    updated = {name: updated_options(layer.options, options) for name, layer in layers.items()}
+    updated = {name: layer.options.with_changes(**overrides) for name, layer in layers.items()}
     for name, layer in layers.items():
         layer.options = updated[name]
     return list(layers)
+
+
+def _norm_renames(model: nn.Module) -> dict[str, str]:
+    """{prefix in the converted model: prefix in the classical one} of every BatchNorm that
+    :func:`convert` moved into a layer, e.g. {"conv1.norm.": "bn1."}."""
+    return {
+        f"{name}.norm.": f"{layer.norm_origin}."
+        for name, layer in model.named_modules()
+        if isinstance(layer, QConv2d) and layer.norm_origin is not None
+    }
+
+
+def _renamed(key: str, renames: dict[str, str]) -> str:
+    for old, new in renames.items():
+        if key.startswith(old):
+            return new + key[len(old) :]
+    return key
+
+
+def classical_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state_dict of a converted ``model`` in the keys of the classical model it was
+    converted from, without the layers' saved options: ``cnn.load_state_dict(
+    classical_state_dict(qcnn_model))`` gives the CNN the QCNN's trained weights (to test a
+    QCNN-trained network classically)."""
+    renames = _norm_renames(model)
+    layers = {name for name, m in model.named_modules() if isinstance(m, QConv2d)}
+    return {
+        _renamed(key, renames): value
+        for key, value in model.state_dict().items()
+        if not (key.endswith("._extra_state") and key[: -len("._extra_state")] in layers)
+    }
+
+
+def load_classical(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True):
+    """Load a classical model's ``state_dict`` (e.g. a trained CNN's checkpoint) into its
+    converted ``model``: the keys of each BatchNorm moved into a layer are translated, the
+    layers keep their options. Returns ``load_state_dict``'s missing and unexpected keys."""
+    renames = {old: new for new, old in _norm_renames(model).items()}
+    return model.load_state_dict({_renamed(key, renames): v for key, v in state_dict.items()}, strict)
 
 
 @dataclass
@@ -104,12 +169,13 @@ class _Match:
 
     cap: float | None = None  # None: a plain ReLU (the options' cap applies)
     norm: nn.BatchNorm2d | None = None
+    norm_name: str | None = None  # the BatchNorm's qualified name in the model
     pooling: tuple[str, int] | None = None
     steps: list[str] = field(default_factory=list)  # for the report
 
 
 class _Converter:
-    def __init__(self, options: dict, generator: torch.Generator | None, report: ConversionReport):
+    def __init__(self, options: QConvOptions, generator: torch.Generator | None, report: ConversionReport):
         self.options, self.generator, self.report = options, generator, report
 
     def convert(self, module: nn.Module, prefix: str) -> nn.Module:
@@ -126,13 +192,13 @@ class _Converter:
         return self._rewrite(graph_module, prefix)
 
     def _layer(self, conv: nn.Conv2d, match: _Match) -> QConv2d:
-        options = dict(self.options)
+        changes = {}
         if match.cap is not None:
-            options["cap"] = match.cap
+            changes["cap"] = match.cap
         if match.pooling is not None:
-            options["pooling"], options["pool_size"] = match.pooling
-        layer = QConv2d.from_conv(conv, generator=self.generator, **options)
-        layer.norm = match.norm
+            changes["pooling"], changes["pool_size"] = match.pooling
+        layer = QConv2d.from_conv(conv, self.options.with_changes(**changes), generator=self.generator)
+        layer.norm, layer.norm_origin = match.norm, match.norm_name
         return layer
 
     def _unsupported(self, conv: nn.Conv2d) -> str | None:
@@ -163,17 +229,29 @@ class _Converter:
             if reason is not None:
                 self.report.skipped[name] = reason
                 continue
-            target = _block_holding(gm, chain) or node.target
-            parent, _, leaf = target.rpartition(".")
-            setattr(gm.get_submodule(parent), leaf, self._layer(conv, match))
+            if match.norm is not None:
+                match.norm_name = f"{prefix}{chain[1].target}"
+            parent, _, leaf = node.target.rpartition(".")
+            setattr(gm.get_submodule(parent), leaf, self._layer(conv, match))  # the conv's place
             args = (node.args[0],) if shortcut is None else (node.args[0], shortcut)
             with gm.graph.inserting_after(chain[-1]):
-                layer_call = gm.graph.call_module(target, args)
+                layer_call = gm.graph.call_module(node.target, args)
             chain[-1].replace_all_uses_with(layer_call)
             for dead in reversed(chain):
                 gm.graph.erase_node(dead)
             self.report.converted[name] = " → ".join(["Conv2d", *match.steps])
         gm.graph.lint()
+        # A BatchNorm moved into a layer is also a submodule of that layer, where
+        # delete_all_unused_submodules (which visits each module once) would keep it: delete it.
+        called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+        moved = [
+            layer.norm_origin[len(prefix) :]
+            for layer in gm.modules()
+            if isinstance(layer, QConv2d) and layer.norm_origin and layer.norm_origin.startswith(prefix)
+        ]
+        for target in moved:
+            if target not in called and _has_submodule(gm, target):
+                gm.delete_submodule(target)
         gm.delete_all_unused_submodules()
         gm.recompile()
         return gm
@@ -251,7 +329,7 @@ class _Converter:
                 continue
             match, at = _Match(), index + 1
             if at < len(children) and isinstance(children[at], nn.BatchNorm2d):
-                match.norm = children[at]
+                match.norm, match.norm_name = children[at], f"{prefix}{at}"
                 match.steps.append("BatchNorm2d")
                 at += 1
             cap = _relu_module_cap(children[at]) if at < len(children) else False
@@ -278,16 +356,12 @@ def _is_add(node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in ("add", "add_") and not node.kwargs
 
 
-def _block_holding(gm: fx.GraphModule, chain: list[fx.Node]) -> str | None:
-    """The path of a container whose children are exactly the chain's modules (a conv block
-    such as ``Sequential(Conv2d, ReLU)``), which the layer then replaces whole, so that it
-    keeps the block's name (and checkpoints their keys); else None (the conv's place)."""
-    parent = chain[0].target.rpartition(".")[0]
-    members = {n.target for n in chain if n.op == "call_module"}
-    if not parent or {f"{parent}.{name}" for name in gm.get_submodule(parent)._modules} != members:
-        return None
-    inside = [n for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith(parent + ".")]
-    return parent if all(n in chain for n in inside) else None
+def _has_submodule(module: nn.Module, target: str) -> bool:
+    try:
+        module.get_submodule(target)
+    except AttributeError:
+        return False
+    return True
 
 
 def _is_deeper_branch(node: fx.Node, conv_node: fx.Node, modules: dict) -> bool:

@@ -13,7 +13,6 @@ import math
 
 import torch
 
-from qcnn.accel import rng
 from qcnn.options import QConvOptions
 
 # Rows of outcome probabilities handled at once by the amplitude-estimation sampler,
@@ -70,6 +69,8 @@ def estimate(
     if options.estimator == "exact" or (options.estimator == "gaussian" and options.epsilon == 0):
         return y
     if options.estimator == "gaussian":
+        from qcnn.accel import rng  # compiled with numba: imported at first use, not with qcnn
+
         noise = rng.randn(y.shape, generator, y.device, y.dtype)
         return torch.addcmul(y, scale, noise, value=2 * options.epsilon, out=noise)
     probability = hadamard_probability(y, scale)

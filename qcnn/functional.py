@@ -18,7 +18,9 @@ number of operations launched, not by their size.
 ``torch.compile`` stops at the layer's boundary (``torch.compiler.disable``): the layer runs
 eagerly, as it would without compile, and the rest of the model is compiled around it. Its
 work is compiled code already (numba, Triton), and its random draws must come from the
-layer's generator in its own order, which a traced copy would not keep.
+layer's generator in its own order, which a traced copy would not keep. The decorator is
+torch's lazy form of it, which imports ``torch._dynamo`` (over a second) at the first call
+rather than when ``qcnn`` is imported.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from collections.abc import Callable
 from types import ModuleType
 
 import torch
+from torch._compile import _disable_dynamo
 from torch.nn import functional as F
 
 from qcnn.accel import fused
@@ -213,7 +216,27 @@ def _read_out(gradient: torch.Tensor, ctx, which: str, rows: int = 1) -> torch.T
     return noisy_gradient(gradient, options.delta, options.backprop, ctx.generator, rows)
 
 
-@torch.compiler.disable  # see the module docstring
+def check_geometry(
+    input: torch.Tensor, kernel_size: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+    options: QConvOptions,
+) -> None:
+    """ValueError for a kernel larger than the padded input, or a pooling larger than the
+    convolution's output, naming both sizes (torch would fail later, in its own words)."""
+    padded = tuple(size + 2 * pad for size, pad in zip(input.shape[2:], padding, strict=True))
+    if any(k > size for k, size in zip(kernel_size, padded, strict=True)):
+        raise ValueError(
+            f"kernel_size {kernel_size} is larger than the input {tuple(input.shape[2:])} with "
+            f"padding {padding} ({padded[0]}×{padded[1]})"
+        )
+    if options.pooling is not None:
+        out = tuple((size - k) // step + 1 for size, k, step in zip(padded, kernel_size, stride, strict=True))
+        if options.pool_size > min(out):
+            raise ValueError(
+                f"pool_size {options.pool_size} is larger than the convolution's output {out[0]}×{out[1]}"
+            )
+
+
+@_disable_dynamo  # torch.compiler.disable, imported lazily: see the module docstring
 def qconv2d_with_options(
     input: torch.Tensor,
     weight: torch.Tensor,
@@ -235,6 +258,7 @@ def qconv2d_with_options(
     """
     check_input(input, weight, generator)
     stride, padding = conv_pair("stride", stride, 1), conv_pair("padding", padding, 0)
+    check_geometry(input, tuple(weight.shape[2:]), stride, padding, options)
     if norm is not None or shortcut is not None:
         terms = (norm, shortcut)
         out = _with_classical_terms(input, weight, bias, stride, padding, options, generator, record, *terms)
@@ -282,23 +306,20 @@ def qconv2d(
     stride: int | tuple[int, int] = 1,
     padding: int | tuple[int, int] = 0,
     *,
-    epsilon: float = 0.01,
-    cap: float = 10.0,
-    sigma: float | None = 0.5,
-    delta: float = 0.01,
+    options: QConvOptions | None = None,
     generator: torch.Generator | None = None,
     record: CostRecorder | None = None,
-    **options,
+    **overrides: object,
 ) -> torch.Tensor:
     """Quantum convolution + capped ReLU + sampling (+ pooling) of ``input`` (N, D, H, W).
 
     ``weight`` is (D', D, h, w) as for ``torch.nn.functional.conv2d``; the output is
-    (N, D', H', W'), pooled if ``pooling`` is set. Keyword options and their defaults are
-    those of :class:`qcnn.options.QConvOptions` (``estimator``, ``shots``, ``ae_qubits``,
-    ``norms``, ``cap_order``, ``sampling``, ``pooling``, ``pool_size``, ``backprop``,
-    ``fused``).
+    (N, D', H', W'), pooled if ``pooling`` is set. ``options`` is a
+    :class:`qcnn.options.QConvOptions` (its defaults if None), ``overrides`` change some of
+    its fields (epsilon, cap, sigma, estimator, shots, ae_qubits, norms, cap_order,
+    sampling, pooling, pool_size, delta, backprop, backend, backend_device, fused).
     Randomness comes from ``generator`` (the global RNG if None). ``record``, if given, is
     called with the :class:`qcnn.cost.LayerCost` of this forward pass.
     """
-    validated = QConvOptions(epsilon=epsilon, cap=cap, sigma=sigma, delta=delta, **options)
+    validated = (options or QConvOptions()).with_changes(**overrides)
     return qconv2d_with_options(input, weight, bias, stride, padding, validated, generator, record)

@@ -10,27 +10,33 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict
 
 import torch
 from torch import nn
 
 from qcnn.cost import LayerCost
 from qcnn.functional import qconv2d_with_options
-from qcnn.options import QConvOptions, check_generator, conv_pair
+from qcnn.options import OPTION_NAMES, QConvOptions, check_generator, conv_pair, is_integer
 
 log = logging.getLogger(__name__)
-_OPTION_NAMES = tuple(f.name for f in fields(QConvOptions))
 
 
 class QConv2d(nn.Module):
     """Quantum convolution layer (Kerenidis, Landman, Prakash, ICLR 2020).
 
     Input (N, in_channels, H, W) -> output (N, out_channels, H', W') (pooled if asked),
-    with H' = (H + 2·padding − kernel) // stride + 1. Options after ``*`` are those of
-    :class:`~qcnn.options.QConvOptions`. ``generator`` (a ``torch.Generator`` on the input's
-    device) drives all randomness; None uses PyTorch's global RNG. Set ``track_cost = True``
-    to record each forward's :class:`~qcnn.cost.LayerCost` in ``last_cost``.
+    with H' = (H + 2·padding − kernel) // stride + 1. The first six arguments are those of
+    ``nn.Conv2d``. ``options`` is a :class:`~qcnn.options.QConvOptions` (its defaults if
+    None); ``overrides`` change some of its fields: epsilon, cap, sigma, estimator, shots,
+    ae_qubits, norms, cap_order, sampling, pooling, pool_size, delta, backprop, backend,
+    backend_device, fused. ``generator`` (a ``torch.Generator`` on the input's device) drives
+    all randomness; None uses PyTorch's global RNG. Set ``track_cost = True`` to record each
+    forward's :class:`~qcnn.cost.LayerCost` in ``last_cost``.
+
+    ``norm`` (a BatchNorm put there by :func:`qcnn.convert`) is applied to the estimate
+    before the cap; ``norm_origin`` names the module it came from in the classical model,
+    for :func:`qcnn.classical_state_dict`.
     """
 
     def __init__(
@@ -42,21 +48,20 @@ class QConv2d(nn.Module):
         padding: int | tuple[int, int] = 0,
         bias: bool = True,
         *,
-        epsilon: float = 0.01,
-        cap: float = 10.0,
-        sigma: float | None = 0.5,
-        delta: float = 0.01,
+        options: QConvOptions | None = None,
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
-        **options,
+        **overrides: object,
     ) -> None:
         super().__init__()
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
-            if not (isinstance(value, int) and value > 0):
+            if not (is_integer(value) and value > 0):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         check_generator(generator)
-        self.options = QConvOptions(epsilon=epsilon, cap=cap, sigma=sigma, delta=delta, **options)
+        if options is not None and not isinstance(options, QConvOptions):
+            raise ValueError(f"options must be a QConvOptions or None, got {options!r}")
+        self.options = (options or QConvOptions()).with_changes(**overrides)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = conv_pair("kernel_size", kernel_size, 1)
         self.stride, self.padding = conv_pair("stride", stride, 1), conv_pair("padding", padding, 0)
@@ -65,6 +70,7 @@ class QConv2d(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
         self.generator = generator
         self.norm: nn.BatchNorm2d | None = None
+        self.norm_origin: str | None = None
         self.track_cost = False
         self.last_cost: LayerCost | None = None
         self.reset_parameters()
@@ -77,8 +83,16 @@ class QConv2d(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, **options) -> QConv2d:
-        """A QConv2d with a copy of ``conv``'s weights and bias (e.g. trained classically).
+    def from_conv(
+        cls,
+        conv: nn.Conv2d,
+        options: QConvOptions | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        **overrides: object,
+    ) -> QConv2d:
+        """A QConv2d with a copy of ``conv``'s weights and bias (e.g. trained classically),
+        ``options`` and ``overrides`` as in the constructor.
 
         It draws no initialisation, so building it leaves the global RNG as it was.
         """
@@ -89,7 +103,8 @@ class QConv2d(nn.Module):
             )
         layer = nn.utils.skip_init(
             cls, conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-            conv.bias is not None, device=conv.weight.device, dtype=conv.weight.dtype, **options,
+            conv.bias is not None, options=options, generator=generator, device=conv.weight.device,
+            dtype=conv.weight.dtype, **overrides,
         )  # fmt: skip
         with torch.no_grad():
             layer.weight.copy_(conv.weight)
@@ -97,14 +112,22 @@ class QConv2d(nn.Module):
                 layer.bias.copy_(conv.bias)
         return layer
 
-    def configure(self, **options) -> None:
+    def configure(self, **overrides: object) -> None:
         """Change options in place (validated), e.g. ``layer.configure(sigma=0.2)``."""
-        self.options = updated_options(self.options, options)
+        self.options = self.options.with_changes(**overrides)
 
     def _store_cost(self, cost: LayerCost) -> None:
         self.last_cost = cost
 
     def forward(self, input: torch.Tensor, shortcut: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer on ``input`` (N, in_channels, H, W): estimate, [norm], [+ shortcut], cap,
+        sample, [pool] (``docs/algorithm.md`` sections 1-2).
+
+        ``shortcut``, a tensor of the convolution's output shape (N, out_channels, H', W'), is
+        a residual block's classical input, added to the estimate (after ``norm``) before the
+        cap: f(norm(Ŷ + b) + shortcut) is what gets sampled. ValueError for input the layer
+        cannot take (shape, dtype, NaN, a kernel or pooling larger than the map).
+        """
         record = self._store_cost if self.track_cost else None
         return qconv2d_with_options(
             input, self.weight, self.bias, self.stride, self.padding,
@@ -115,11 +138,11 @@ class QConv2d(nn.Module):
         return {"options": asdict(self.options)}
 
     def set_extra_state(self, state: dict) -> None:
-        saved = QConvOptions(**state["options"])
+        saved = QConvOptions.from_dict(state["options"])
         if saved != self.options:
             changed = {
                 name: (getattr(self.options, name), getattr(saved, name))
-                for name in _OPTION_NAMES
+                for name in OPTION_NAMES
                 if getattr(saved, name) != getattr(self.options, name)
             }
             log.warning(
@@ -148,15 +171,8 @@ class QConv2d(nn.Module):
         defaults = QConvOptions()
         changed = [
             f"{name}={getattr(self.options, name)!r}"
-            for name in _OPTION_NAMES
+            for name in OPTION_NAMES
             if getattr(self.options, name) != getattr(defaults, name)
         ]
         return ", ".join([text, *changed])
 
-
-def updated_options(options: QConvOptions, changes: dict) -> QConvOptions:
-    """``options`` with ``changes`` applied, validated; a ValueError names an unknown option."""
-    unknown = sorted(set(changes) - set(_OPTION_NAMES))
-    if unknown:
-        raise ValueError(f"unknown QConv2d option(s) {unknown}; the options are {list(_OPTION_NAMES)}")
-    return replace(options, **changes)

@@ -8,7 +8,7 @@ simulation differs has an option that reproduces it (``norms="authors"``,
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -26,9 +26,18 @@ def conv_pair(name: str, value: object, least: int) -> tuple[int, int]:
     """``value`` (an int or a pair of ints, each >= ``least``) as a pair; else a ValueError
     naming it, e.g. for ``padding="same"``, which the layer does not take."""
     pair = tuple(value) if isinstance(value, tuple | list) else (value, value)
-    if not (len(pair) == 2 and all(isinstance(v, int) and v >= least for v in pair)):
+    if not (len(pair) == 2 and all(is_integer(v) and v >= least for v in pair)):
         raise ValueError(f"{name} must be an int >= {least} or a pair of them, got {value!r}")
     return pair
+
+
+def is_number(value: object) -> bool:
+    """An int or float, not a bool (``True`` is an int to Python, never a σ or an ε here)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def is_integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def check_generator(generator: object) -> None:
@@ -86,15 +95,15 @@ class QConvOptions:
     fused: bool = True
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.epsilon, int | float) and 0 <= self.epsilon < math.inf):
+        if not (is_number(self.epsilon) and 0 <= self.epsilon < math.inf):
             raise ValueError(f"epsilon must be a finite number >= 0, got {self.epsilon!r}")
-        if not (isinstance(self.cap, int | float) and self.cap > 0):
+        if not (is_number(self.cap) and self.cap > 0):
             raise ValueError(f"cap must be > 0 (math.inf for no cap), got {self.cap!r}")
         if self.sigma is not None and not (
-            isinstance(self.sigma, int | float) and 0 < self.sigma <= 1
+            is_number(self.sigma) and 0 < self.sigma <= 1
         ):
             raise ValueError(f"sigma must be in (0, 1] or None (no sampling), got {self.sigma!r}")
-        if not (isinstance(self.delta, int | float) and 0 <= self.delta < math.inf):
+        if not (is_number(self.delta) and 0 <= self.delta < math.inf):
             raise ValueError(f"delta must be a finite number >= 0, got {self.delta!r}")
         _choice("estimator", self.estimator, ESTIMATORS)
         _choice("norms", self.norms, NORMS)
@@ -113,13 +122,13 @@ class QConvOptions:
             )
         if self.backend != "torch" and self.norms != "exact":
             raise ValueError(f"backend {self.backend!r} uses exact norms, got norms={self.norms!r}")
-        if self.shots is not None and not (isinstance(self.shots, int) and self.shots >= 1):
+        if self.shots is not None and not (is_integer(self.shots) and self.shots >= 1):
             raise ValueError(f"shots must be a positive integer or None, got {self.shots!r}")
         if self.ae_qubits is not None and not (
-            isinstance(self.ae_qubits, int) and 1 <= self.ae_qubits <= 16
+            is_integer(self.ae_qubits) and 1 <= self.ae_qubits <= 16
         ):
             raise ValueError(f"ae_qubits must be an integer in [1, 16] or None, got {self.ae_qubits!r}")
-        if not (isinstance(self.pool_size, int) and self.pool_size >= 1):
+        if not (is_integer(self.pool_size) and self.pool_size >= 1):
             raise ValueError(f"pool_size must be a positive integer, got {self.pool_size!r}")
         if self.estimator in ("shots", "amplitude-estimation") and self.epsilon == 0:
             if (self.shots if self.estimator == "shots" else self.ae_qubits) is None:
@@ -127,6 +136,17 @@ class QConvOptions:
                     f"estimator {self.estimator!r} with epsilon=0 needs an explicit "
                     f"{'shots' if self.estimator == 'shots' else 'ae_qubits'}"
                 )
+
+    @classmethod
+    def from_dict(cls, data: dict) -> QConvOptions:
+        """Options from a dict (a state_dict's, a JSON file's); ValueError naming an unknown key."""
+        return cls().with_changes(**data)
+
+    def with_changes(self, **changes) -> QConvOptions:
+        """These options with ``changes`` applied, validated; ValueError naming an unknown option."""
+        if unknown := sorted(set(changes) - set(OPTION_NAMES)):
+            raise ValueError(f"unknown QConv2d option(s) {unknown}; the options are {list(OPTION_NAMES)}")
+        return replace(self, **changes)
 
     @property
     def n_shots(self) -> int:
@@ -139,3 +159,6 @@ class QConvOptions:
         if self.ae_qubits is not None:
             return self.ae_qubits
         return max(1, math.ceil(math.log2(math.pi / self.epsilon)))
+
+
+OPTION_NAMES = tuple(f.name for f in fields(QConvOptions))

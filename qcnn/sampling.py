@@ -13,9 +13,6 @@ import math
 
 import torch
 
-from qcnn.accel import rng
-from qcnn.accel.merge import merge_draws
-
 
 def capped_relu_(y_hat: torch.Tensor, y: torch.Tensor, cap: float, order: str) -> torch.Tensor:
     """f on the estimate (section 2.2), in place on ``y_hat`` (a tensor of the caller's own):
@@ -79,6 +76,8 @@ def _keep_drawn(
     exponentials = _exponentials(len(out), n_samples(sigma, out.shape[1]) + 1, generator, out.device)
     if out.device.type == "cpu":
         distinct = torch.empty(len(out), dtype=torch.int64)
+        from qcnn.accel.merge import merge_draws  # compiled with numba: imported at first use, not with qcnn
+
         merge_draws(weights.numpy(), exponentials.numpy(), out.detach().numpy(), distinct.numpy())
         return distinct
     drawn = torch.zeros_like(out).scatter_(1, _search_draws(weights, exponentials), 1)
@@ -90,6 +89,8 @@ def _exponentials(
     rows: int, columns: int, generator: torch.Generator | None, device: torch.device
 ) -> torch.Tensor:
     """(rows, columns) i.i.d. Exp(1) as −log(1 − U): four times faster than ``exponential_`` on CPU."""
+    from qcnn.accel import rng  # compiled with numba: imported at first use, not with qcnn
+
     uniforms = rng.rand((rows, columns), generator, device)
     return uniforms.neg_().log1p_().neg_()
 

@@ -18,7 +18,7 @@ from qcnn.estimation import ae_outcome_probabilities
 from tests.stats import ALPHA, assert_matches_distribution
 
 CIRCUIT_BACKENDS = [("pennylane", "default.qubit"), ("pennylane", "lightning.qubit"), ("qiskit-aer", None)]
-ALL_BACKENDS = [("torch", None), *CIRCUIT_BACKENDS]
+ALL_BACKENDS = [("outcome-law", None), *CIRCUIT_BACKENDS]
 IDS = ["-".join(filter(None, b)) for b in ALL_BACKENDS]
 
 
@@ -154,7 +154,7 @@ def test_circuit_backends_reject_what_they_cannot_do():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present")
-@pytest.mark.parametrize("name", ["torch", "pennylane", "qiskit-aer"])
+@pytest.mark.parametrize("name", ["outcome-law", "pennylane", "qiskit-aer"])
 def test_explicit_gpu_without_one_is_an_error(name):
     with pytest.raises(RuntimeError, match="gpu"):
         get_backend(name, "gpu")
@@ -171,16 +171,17 @@ def test_auto_device_falls_back_with_a_notice(caplog):
 
 
 def test_the_backend_table_names_every_allowed_backend():
-    from qcnn.backends import _CLASSES
+    from qcnn.backends import CIRCUIT_BACKENDS
     from qcnn.options import BACKENDS
 
-    assert tuple(_CLASSES) == BACKENDS
+    # one name per thing: the layer's "torch" is its vectorised emulation, no circuit backend
+    assert CIRCUIT_BACKENDS == ("outcome-law", *BACKENDS[1:]) and "torch" not in CIRCUIT_BACKENDS
     with pytest.raises(ValueError, match="only be chosen for pennylane"):
         get_backend("qiskit-aer", "cpu", "lightning.qubit")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
-@pytest.mark.parametrize("name", ["torch", "pennylane", "qiskit-aer"])
+@pytest.mark.parametrize("name", ["outcome-law", "pennylane", "qiskit-aer"])
 def test_gpu_backends_sample_like_the_cpu(name):
     try:
         gpu = get_backend(name, "gpu")
@@ -196,7 +197,7 @@ def test_validate_network_runs_every_layer_on_every_backend(tmp_path, mnist_raw_
     """With 10⁹ shots and no sampling, circuits and emulation estimate every inner product to
     about 10⁻⁴ of its scale: the same predictions, image for image."""
     out = tmp_path / "validate"
-    cli.main(["validate", "--network", "--images", "6", "--train-images", "500", "--shots", "1000000000",
+    cli.main(["validate", "network", "--images", "6", "--train-images", "500", "--shots", "1000000000",
               "--sigma", "none", "--backend-device", "cpu", "--out", str(out)])  # fmt: skip
     report = json.loads((out / "validate-network.json").read_text())
     rows = {row["backend"]: row for row in report["results"]}
@@ -211,13 +212,13 @@ def test_validate_network_runs_every_layer_on_every_backend(tmp_path, mnist_raw_
 
 def test_validate_first_layer_and_bench_print_their_tables(tmp_path, mnist_raw_dir, capsys):
     out = tmp_path / "validate"
-    cli.main(["validate", "--images", "2", "--backends", "torch", "qiskit-aer", "--backend-device", "cpu",
-              "--out", str(out)])  # fmt: skip
+    cli.main(["validate", "layer", "--images", "2", "--backends", "outcome-law", "qiskit-aer",
+              "--backend-device", "cpu", "--out", str(out)])  # fmt: skip
     report = json.loads((out / "validate.json").read_text())
-    assert [row["backend"] for row in report["results"]] == ["torch", "qiskit-aer"]
+    assert [row["backend"] for row in report["results"]] == ["outcome-law", "qiskit-aer"]
     assert report["results"][1]["inner_products"] == 2 * 5 * 22 * 22 and "ks_p_value" in report["results"][1]
-    cli.main(["validate", "--bench", "--pairs", "8", "--backends", "pennylane", "--backend-device", "cpu"])
-    cli.main(["validate", "--bench", "--pairs", "4", "--ae-qubits", "2", "--backends", "pennylane",
+    cli.main(["validate", "bench", "--pairs", "8", "--backends", "pennylane", "--backend-device", "cpu"])
+    cli.main(["validate", "bench", "--pairs", "4", "--ae-qubits", "2", "--backends", "pennylane",
               "--backend-device", "cpu"])  # fmt: skip
     printed = capsys.readouterr().out
     assert printed.count("| pennylane | default.qubit on CPU | 9 |") == 2 and "| AE qubits |" in printed

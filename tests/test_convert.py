@@ -184,13 +184,19 @@ def test_report_names_what_was_not_converted_and_why(caplog):
             x = F.relu(self.plain(x))
             return torch.sigmoid(self.last(x))
 
-    with caplog.at_level(logging.INFO, logger="qcnn.convert"):
+    with caplog.at_level(logging.DEBUG, logger="qcnn.convert"):
         report = convert(Mixed()).conversion_report
     assert list(report.converted) == ["plain"]
     assert "grouped convolution (groups=2)" in report.skipped["grouped"]
     assert "dilated convolution" in report.skipped["dilated"]
     assert "no ReLU after it" in report.skipped["last"] and "sigmoid" in report.skipped["last"]
-    assert "last left classical" in caplog.text and "plain -> QConv2d" in caplog.text
+    summary, full = [record for record in caplog.records if record.name == "qcnn.convert"]
+    assert (summary.levelname, full.levelname) == ("INFO", "DEBUG")  # one line, the report at DEBUG
+    assert summary.getMessage() == (
+        "convert: 1 of 4 Conv2d converted to QConv2d; 3 left classical (1 grouped convolution, "
+        "1 dilated convolution, 1 no ReLU after it); see conversion_report"
+    )
+    assert "last: left classical" in full.getMessage() and "plain: QConv2d" in full.getMessage()
 
 
 def test_untraceable_model_is_walked_and_the_hidden_relu_reported():

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from experiments import data
-from experiments.data import FILES, IdxFile, MnistError, batches, locate, parse_idx, read_verified
+from experiments.data import FILES, IdxFile, MnistError, locate, parse_idx, read_verified
 from experiments.files import atomic_write
+from qcnn.training import batches
 
 
 def idx_bytes(array: np.ndarray, magic: int) -> bytes:

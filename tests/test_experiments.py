@@ -12,9 +12,9 @@ import torch
 
 from classical import AuthorsNet, LeNet5
 from experiments import cli, train
-from experiments.compare import read_curve
 from experiments.config import RunConfig, run_id
 from experiments.models import build_model
+from experiments.runfolder import read_curve
 from qcnn import QConv2d, convert
 
 CPU = torch.device("cpu")
@@ -41,9 +41,9 @@ def test_cnn_and_qcnn_start_from_the_same_weights():
     g = torch.Generator().manual_seed(0)
     cnn = build_model(replace(TINY, model="cnn"), CPU, g)
     qcnn = build_model(replace(TINY, model="qcnn"), CPU, g)
-    assert isinstance(qcnn.conv1, QConv2d)  # the conv block Sequential(Conv2d, ReLU) replaced whole
-    assert torch.equal(cnn.conv1[0].weight, qcnn.conv1.weight)
-    assert torch.equal(cnn.conv2[0].bias, qcnn.conv2.bias)
+    assert isinstance(qcnn.get_submodule("conv1.0"), QConv2d)  # at the conv's place: the same key
+    assert torch.equal(cnn.conv1[0].weight, qcnn.get_submodule("conv1.0").weight)
+    assert torch.equal(cnn.conv2[0].bias, qcnn.get_submodule("conv2.0").bias)
     assert torch.equal(cnn.fc1.weight, qcnn.fc1.weight)
 
 
@@ -98,8 +98,8 @@ def test_short_training_on_2000_images_beats_80_percent(mnist_small, tmp_path, m
     metrics = train.train_run(config, mnist_small, tmp_path, CPU, progress=False)
     assert metrics["test_accuracy"] > 0.80, metrics["test_accuracy"]
     if model == "qcnn":
-        assert set(metrics["cost"]) == {"conv1", "conv2"}
-        assert 0 < metrics["cost"]["conv1"]["distinct_fraction"] <= 0.5
+        assert set(metrics["cost"]) == {"conv1.0", "conv2.0"}
+        assert 0 < metrics["cost"]["conv1.0"]["distinct_fraction"] <= 0.5
 
 
 def test_compare_cli_writes_every_output(tmp_path, mnist_raw_dir, capsys):
@@ -137,7 +137,7 @@ def test_compare_trains_both_models_on_cuda(tmp_path, mnist_raw_dir):
     for run in (path.name for path in out.iterdir() if path.is_dir()):
         metrics = json.loads((out / run / "metrics.json").read_text())
         assert metrics["finished"] and metrics["device"].startswith("cuda")
-        losses = [point["loss"] for point in read_curve(out / run / "curve.csv")]
+        losses = [point["loss"] for point in read_curve(out / run)]
         assert losses[-1] < losses[0], (run, losses)  # it learns on the GPU too
 
 
@@ -178,11 +178,11 @@ def test_run_config_validates():
 
 
 def test_norms_and_cap_order_override_the_mode_for_one_option():
-    theory, authors = RunConfig().layer_options(), RunConfig(mode="authors").layer_options()
-    assert (theory["norms"], theory["cap_order"]) == ("exact", "theory")
-    assert (authors["norms"], authors["cap_order"]) == ("authors", "authors")
-    mixed = RunConfig(norms="authors").layer_options()
-    assert (mixed["norms"], mixed["cap_order"], mixed["delta"]) == ("authors", "theory", 0.01)
+    theory, authors = RunConfig().layer_options, RunConfig(mode="authors").layer_options
+    assert (theory.norms, theory.cap_order) == ("exact", "theory")
+    assert (authors.norms, authors.cap_order) == ("authors", "authors")
+    mixed = RunConfig(norms="authors").layer_options
+    assert (mixed.norms, mixed.cap_order, mixed.delta) == ("authors", "theory", 0.01)
     # unset overrides stay out of the config dict, so stores made before them stay valid:
     # this is the id of the CNN run of the paper preset, seed 1, made before they existed
     assert "norms" not in RunConfig().as_dict() and RunConfig(cap_order="authors").as_dict()["cap_order"]

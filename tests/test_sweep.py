@@ -18,8 +18,8 @@ import torch
 from experiments import cli
 from experiments.config import RunConfig, run_id
 from experiments.files import RunLocked, run_lock
+from experiments.runfolder import read_finished
 from experiments.sweep import PAPER_GRID, expand_grid, run_sweep, worker_devices, write_reports
-from experiments.train import read_finished
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = ["--train-limit", "256", "--test-limit", "100", "--epochs", "1", "--batch-size", "32",
@@ -144,7 +144,7 @@ def test_sweep_cli_with_two_workers_writes_every_output(tmp_path, mnist_raw_dir,
         rows = list(csv.DictReader(handle))
     assert len(rows) == 3
     quantum = [r for r in rows if r["model"] == "qcnn"]
-    assert all(float(r["conv1_distinct_fraction"]) > 0 and float(r["conv2_speedup"]) > 0 for r in quantum)
+    assert all(float(r["conv1.0:distinct_fraction"]) > 0 and float(r["conv2.0:speedup"]) > 0 for r in quantum)
     # a second call finds everything done
     cli.main(["sweep", "--sigma", "0.3", "0.5", "--cap", "2", *TINY, "--out", str(out)])
     assert "3 already finished, 0 to run" in capsys.readouterr().out

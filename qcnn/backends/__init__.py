@@ -7,10 +7,12 @@ Every backend runs the same three primitives on states prepared by
 - ``ae_outcomes(states, m, shots, seed)``: outcomes y of canonical amplitude estimation;
 - ``sample_positions(amplitudes, shots, seed)``: basis states measured from one encoding.
 
-``torch`` is the emulation (exact outcome distributions, no circuits); ``pennylane`` and
-``qiskit-aer`` build and simulate the circuits. Their packages are imported only when asked for.
-``device="auto"`` takes the GPU build when it is installed and a GPU is present, else the CPU
-with a logged notice; ``device="gpu"`` without one is an error.
+``outcome-law`` draws from the circuits' exact outcome distributions (no circuits);
+``pennylane`` and ``qiskit-aer`` build and simulate the circuits. (The layer's
+``backend="torch"`` is its vectorised emulation, which uses none of these.) Their packages
+are imported only when asked for. ``device="auto"`` takes the GPU build when it is installed
+and a GPU is present, else the CPU with a logged notice; ``device="gpu"`` without one is an
+error.
 
 On top, :func:`inner_products` and :func:`sample_positions` turn tensors into states, draw a
 simulator seed from a ``torch.Generator`` and return tensors.
@@ -27,16 +29,17 @@ import torch
 
 from qcnn.backends.base import Backend
 from qcnn.backends.circuits import amplitude_encoding, hadamard_states
-from qcnn.options import BACKEND_DEVICES, BACKENDS
+from qcnn.options import BACKEND_DEVICES
 
 # Inner products per backend call: a whole network's pairs are simulated in chunks of this many.
 _PAIRS_PER_CALL = 1 << 15
 # Name -> (module, class): a backend's package is imported only when it is asked for.
 _CLASSES = {
-    "torch": ("qcnn.backends.emulation", "TorchBackend"),
+    "outcome-law": ("qcnn.backends.emulation", "OutcomeLawBackend"),
     "pennylane": ("qcnn.backends.pennylane_backend", "PennyLaneBackend"),
     "qiskit-aer": ("qcnn.backends.qiskit_backend", "QiskitAerBackend"),
 }
+CIRCUIT_BACKENDS = tuple(_CLASSES)
 
 
 @functools.cache
@@ -46,8 +49,8 @@ def get_backend(name: str, device: str = "auto", simulator: str | None = None) -
     Made once per arguments and reused, so a layer on circuits builds its simulator (and
     logs a fallback to the CPU) once, not at every forward pass.
     """
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if name not in CIRCUIT_BACKENDS:
+        raise ValueError(f"backend must be one of {CIRCUIT_BACKENDS}, got {name!r}")
     if device not in BACKEND_DEVICES:
         raise ValueError(f"device must be one of {BACKEND_DEVICES}, got {device!r}")
     if simulator is not None and name != "pennylane":

@@ -1,4 +1,5 @@
-"""The ``torch`` backend: the emulation's exact outcome distributions, no circuits.
+"""The ``outcome-law`` backend: the exact outcome distributions of the circuits, drawn by torch
+without circuits (the law the emulation's estimator follows).
 
 Hadamard counts ~ Binomial(shots, P), amplitude-estimation outcomes from
 :func:`qcnn.estimation.ae_outcome_probabilities`, positions ~ Categorical(|amplitude|²): the
@@ -15,12 +16,12 @@ from qcnn.backends.circuits import zero_probability
 from qcnn.estimation import sample_ae_outcomes
 
 
-class TorchBackend:
-    name = "torch"
+class OutcomeLawBackend:
+    name = "outcome-law"
 
     def __init__(self, device: str = "auto") -> None:
         if device != "cpu" and not torch.cuda.is_available():
-            device = fall_back_to_cpu("torch", "no CUDA device is available", device)
+            device = fall_back_to_cpu("outcome-law", "no CUDA device is available", device)
         self.torch_device = torch.device("cpu" if device == "cpu" else "cuda")
         self.device = str(self.torch_device)
 

@@ -24,7 +24,8 @@ class PennyLaneBackend:
         try:
             import pennylane as qml
         except ImportError as error:
-            raise ImportError("backend 'pennylane' needs PennyLane: pip install pennylane") from error
+            message = "backend 'pennylane' needs the circuits extra: pip install 'qcnn[circuits]'"
+            raise ImportError(message) from error
         self.qml = qml
         if simulator is not None and simulator not in SIMULATORS:
             raise ValueError(f"simulator must be one of {SIMULATORS}, got {simulator!r}")

@@ -31,7 +31,8 @@ class QiskitAerBackend:
             import qiskit
             from qiskit_aer import AerSimulator
         except ImportError as error:
-            raise ImportError("backend 'qiskit-aer' needs qiskit-aer: pip install qiskit-aer") from error
+            message = "backend 'qiskit-aer' needs the circuits extra: pip install 'qcnn[circuits]'"
+            raise ImportError(message) from error
         self.qiskit = qiskit
         gpu = "GPU" in AerSimulator().available_devices()
         if device in ("auto", "gpu") and not gpu:

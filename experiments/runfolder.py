@@ -1,0 +1,119 @@
+"""A run's folder, read and written in one place (``docs/algorithm.md`` §6 for what a run is).
+
+A run folder holds ``curve.csv`` (the mini-batch loss every ``log_every`` batches against
+training images seen, the authors' x-axis), ``metrics.json`` (the configuration, per-epoch
+test loss and accuracy, wall times, the QCNN layers' running-time accounting, and whether
+the run finished or diverged) and ``checkpoint.pt`` (model, optimiser, generators, metrics
+and curve at the last epoch end). Every file is replaced atomically. A ``metrics.json`` or
+``checkpoint.pt`` that cannot be read (a truncated file, say) is renamed ``*.unreadable``
+with a warning naming it, so the run is trained again from its last readable state.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import pickle
+import zipfile
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+from experiments.config import RunConfig
+from experiments.files import atomic_save, atomic_write_text
+
+METRICS, CURVE, CHECKPOINT = "metrics.json", "curve.csv", "checkpoint.pt"
+CURVE_FIELDS = ("epoch", "batch", "images_seen", "loss")
+log = logging.getLogger(__name__)
+# What torch.load and json raise on a truncated or corrupt file.
+UNREADABLE = (
+    OSError, EOFError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile
+)  # fmt: skip
+
+
+def set_aside(path: Path, error: Exception) -> None:
+    """Rename an unreadable run file to ``<name>.unreadable`` (kept for a look), with a warning."""
+    path.replace(path.with_name(path.name + ".unreadable"))
+    log.warning("%s cannot be read (%s: %s): set aside as %s.unreadable; the run is trained again",
+                path, type(error).__name__, error, path.name)  # fmt: skip
+
+
+def read_metrics(folder: Path) -> dict | None:
+    """``folder/metrics.json``, or None if there is none or it cannot be read (set aside)."""
+    path = folder / METRICS
+    if not path.is_file():
+        return None
+    try:
+        metrics = json.loads(path.read_text())
+        if not isinstance(metrics, dict):
+            raise ValueError(f"a JSON {type(metrics).__name__}, not an object")
+        return metrics
+    except UNREADABLE as error:
+        set_aside(path, error)
+        return None
+
+
+def write_metrics(folder: Path, metrics: dict) -> None:
+    atomic_write_text(folder / METRICS, json.dumps(metrics, indent=2))
+
+
+def read_finished(folder: Path, config: RunConfig) -> dict | None:
+    """The metrics of a finished (or diverged) run of ``config`` in ``folder``, else None."""
+    metrics = read_metrics(folder)
+    if metrics and metrics.get("finished") and metrics.get("config") == config.as_dict():
+        return metrics
+    return None
+
+
+def read_curve(folder: Path) -> list[dict]:
+    """The training curve: [{"images_seen": int, "loss": float}, ...]."""
+    with open(folder / CURVE, newline="") as handle:
+        return [
+            {"images_seen": int(row["images_seen"]), "loss": float(row["loss"])}
+            for row in csv.DictReader(handle)
+        ]
+
+
+class CurveWriter:
+    """``curve.csv`` rewritten from the points a checkpoint kept, then appended to and
+    flushed point by point, so a killed run leaves every point it logged."""
+
+    def __init__(self, handle: TextIO, points: list[dict]) -> None:
+        self.points, self.handle = points, handle
+        self.writer = csv.DictWriter(handle, CURVE_FIELDS)
+        self.writer.writeheader()
+        self.writer.writerows(points)
+        handle.flush()
+
+    def add(self, point: dict) -> None:
+        self.points.append(point)
+        self.writer.writerow(point)
+        self.handle.flush()
+
+
+def checkpoint_file(path: Path) -> Path:
+    """The checkpoint of a run folder, or ``path`` itself; ValueError if there is none."""
+    file = path / CHECKPOINT if path.is_dir() else path
+    if not file.is_file():
+        raise ValueError(f"no checkpoint at {file} (give a run folder or its checkpoint.pt)")
+    return file
+
+
+def read_checkpoint(path: Path, device: torch.device) -> dict:
+    """The saved state of a run folder or its ``checkpoint.pt`` (``"config"`` as a dict, as
+    :meth:`RunConfig.as_dict` wrote it, ``"model"``, ...); ValueError naming the file if it
+    cannot be read."""
+    file = checkpoint_file(path)
+    try:
+        state = torch.load(file, map_location=device, weights_only=False)
+        if not (isinstance(state, dict) and isinstance(state.get("config"), dict) and "model" in state):
+            raise ValueError("not a run's checkpoint (no config and model in it)")
+        return state
+    except UNREADABLE as error:
+        raise ValueError(f"{file} is not a readable checkpoint ({type(error).__name__}: {error})") from None
+
+
+def save_checkpoint(folder: Path, state: dict) -> None:
+    atomic_save(state, folder / CHECKPOINT)
