@@ -8,11 +8,11 @@ import inspect
 import math
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 from packaging.requirements import Requirement
 from torch import nn
@@ -111,7 +111,7 @@ def test_the_core_alone_imports_qcnn_and_trains_a_converted_model(tmp_path):
     (site,) = (tmp_path / "venv" / "lib").glob("python*/site-packages")
     (site / "core.pth").write_text(f"{packages}\n")
     python = tmp_path / "venv" / "bin" / "python"
-    result = subprocess.run([str(python), "-I", "-c", CORE_SCRIPT], cwd=tmp_path, capture_output=True, text=True)
+    result = subprocess.run([python, "-I", "-c", CORE_SCRIPT], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.split() == ["4", "True", "['0']"]
 
@@ -130,7 +130,8 @@ def torchvision_style_resnet() -> nn.Module:
             self.bn2 = nn.BatchNorm2d(cout)
             self.downsample = None
             if stride != 1 or cin != cout:
-                self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                projection = nn.Conv2d(cin, cout, 1, stride, bias=False)
+                self.downsample = nn.Sequential(projection, nn.BatchNorm2d(cout))
 
         def forward(self, x):
             identity = x if self.downsample is None else self.downsample(x)
