@@ -155,7 +155,9 @@ def classical_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def load_classical(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True):
+def load_classical(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True
+) -> tuple[list[str], list[str]]:
     """Load a classical model's ``state_dict`` (e.g. a trained CNN's checkpoint) into its
     converted ``model``: the keys of each BatchNorm moved into a layer are translated, the
     layers keep their options. Returns ``load_state_dict``'s missing and unexpected keys."""
