@@ -127,17 +127,44 @@ def add_run_options(parser: argparse.ArgumentParser, grid: bool = False) -> None
                        help="patch norms, overriding the mode's choice")  # fmt: skip
     group.add_argument("--cap-order", choices=CAP_ORDERS, default=None,
                        help="f(Y+noise) or clamp(clamp(Y)+noise), overriding the mode's choice")  # fmt: skip
+    add_layer_mapping(group)
     group = parser.add_argument_group("where")
     group.add_argument("--device", default="auto", help="auto, cpu or cuda")
     group.add_argument("--data-dir", default=None, help="folder with the MNIST IDX files")
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def add_layer_mapping(group: argparse._ArgumentGroup) -> None:
+    """--classical and --layer-options: qcnn.convert's per-layer mapping."""
+    group.add_argument("--classical", nargs="+", default=[], metavar="NAME_OR_PATTERN",
+                       help="convolutions kept classical, by qualified name or fnmatch pattern (conv2.*)")
+    group.add_argument("--layer-options", metavar="FILE.json", default=None,
+                       help='per-layer options: {"name or pattern": {option: value} or null}; patterns '
+                            "apply in the file's order, after --classical")  # fmt: skip
+
+
+def layer_mapping(args: argparse.Namespace) -> dict:
+    """The ``layers`` mapping of --classical and --layer-options (checked when a run builds it)."""
+    mapping = {pattern: None for pattern in args.classical}
+    if args.layer_options is not None:
+        path = Path(args.layer_options)
+        try:
+            spec = json.loads(path.read_text())
+        except OSError as error:
+            raise CommandError(f"--layer-options {path}: {error.strerror}") from None
+        except json.JSONDecodeError as error:
+            raise CommandError(f"--layer-options {path}: not valid JSON ({error})") from None
+        if not isinstance(spec, dict):
+            raise CommandError(f"--layer-options {path}: expected a JSON object, got {type(spec).__name__}")
+        mapping.update({key: value for key, value in spec.items() if key not in mapping})
+    return mapping
+
+
 def run_config(args: argparse.Namespace, **overrides) -> RunConfig:
     """The run the options describe; optimizer, lr and momentum left unset take the net's recipe."""
     fields = RunConfig.__dataclass_fields__
     values = {name: getattr(args, name) for name in fields if hasattr(args, name)}
-    return RunConfig.for_net(**{**values, **overrides})
+    return RunConfig.for_net(**{**values, "layers": layer_mapping(args), **overrides})
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -149,12 +176,14 @@ def cmd_compare(args: argparse.Namespace) -> None:
     out = writable_folder(args.out)
     device = resolve_device(args.device)
     models = ["cnn", "qcnn"] if args.model == "both" else [args.model]
+    if args.calibrate_images < 0:
+        raise CommandError(f"--calibrate must be >= 0 (0: no calibrated row), got {args.calibrate_images}")
     data = load_mnist(args.data_dir, device)
     check_network(base, tuple(data.train_images.shape[1:]))
     seeds = list(range(args.seed, args.seed + args.seeds))
     print(f"compare: {', '.join(models)} on {device}, seeds {seeds}, results in {out}")
     started = time.perf_counter()
-    rows = run_compare(base, seeds, models, data, out, device, not args.no_progress)
+    rows = run_compare(base, seeds, models, data, out, device, not args.no_progress, args.calibrate_images)
     print()
     print(format_table(rows))
     print(f"\nwall time {time.perf_counter() - started:.1f} s; "
@@ -233,16 +262,45 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from experiments.runfolder import checkpoint_file
 
     check_count("--repeats", args.repeats)
+    if args.calibrate < 0:
+        raise CommandError(f"--calibrate must be >= 0 (training images), got {args.calibrate}")
     checkpoint_file(Path(args.checkpoint))
+    layers = layer_mapping(args)
     out = writable_folder(args.out)
     device = resolve_device(args.device)
-    data = load_mnist(args.data_dir, device, train_limit=1)
+    data = load_mnist(args.data_dir, device, train_limit=max(1, args.calibrate))
     print(f"evaluate: {args.checkpoint} on {device}, {args.repeats} passes per point, results in {out}")
     rows = run_evaluate(Path(args.checkpoint), args.epsilon, args.sigma, args.cap, args.repeats, data,
-                        device, args.seed, out, not args.no_progress)  # fmt: skip
+                        device, args.seed, out, not args.no_progress, layers=layers,
+                        calibrate_images=args.calibrate, per_layer=args.per_layer)  # fmt: skip
     print()
     print(format_summary(rows))
-    print(f"\nevaluate.csv and accuracy_vs_epsilon.png in {args.out}")
+    extra = ", per_layer.csv and per_layer.png" if args.per_layer else ""
+    print(f"\nevaluate.csv, accuracy_vs_epsilon.png{extra} in {args.out}")
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from experiments.compare import format_start
+    from experiments.data import load_mnist
+    from experiments.train import source_run, train_run
+
+    device = resolve_device(args.device)
+    state = source_run(Path(args.run), device)
+    source = Path(args.run).resolve()  # the run's configuration names its source wherever it runs
+    trained = RunConfig.from_dict(state["config"])
+    kept = ("net", "seed", "train_limit", "test_limit", "batch_size", "test_batch_size", "log_every")
+    same = {name: getattr(trained, name) for name in kept}  # the data and seed of the CNN's run
+    config = run_config(args, **same, model="qcnn", init_from=str(source), calibrate=args.calibrate)
+    if args.calibrate and args.calibrate > (trained.train_limit or 60000):
+        raise CommandError(f"--calibrate {args.calibrate}: the run trained on {trained.train_limit} images")
+    out = writable_folder(args.out)
+    data = load_mnist(args.data_dir, device)
+    check_network(config, tuple(data.train_images.shape[1:]))
+    print(f"finetune: {source.name} as a QCNN on {device}, {config.epochs} epoch(s), results in {out}")
+    metrics = train_run(config, data, out / run_id(config), device, not args.no_progress)
+    print()
+    print(format_start(state["metrics"], metrics))
+    report_diverged([{"model": "qcnn", "seed": config.seed}] if "diverged" in metrics else [])
 
 
 def sweep_configs(args: argparse.Namespace) -> list[RunConfig]:
@@ -348,6 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--seed", type=int, default=DEFAULTS.seed, help="first seed")
     compare.add_argument("--seeds", type=int, default=1, help="number of seeds (seed, seed+1, ...)")
     compare.add_argument("--out", default="runs/compare", help="output folder (resumable)")
+    compare.add_argument("--calibrate", dest="calibrate_images", type=int, default=2560, metavar="N",
+                         help="the CNN through the QCNN once more after calibrating its quantum layers' "
+                              "BatchNorms on N training images (0: not)")  # fmt: skip
     add_run_options(compare)
     compare.set_defaults(func=cmd_compare)
 
@@ -392,6 +453,21 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data-dir", default=None, help="folder with the MNIST IDX files")
     evaluate.add_argument("--out", default="runs/evaluate")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
+    evaluate.add_argument("--calibrate", type=int, default=0, metavar="N",
+                          help="calibrate the quantum layers' BatchNorms on N training images at each point")
+    evaluate.add_argument("--per-layer", action="store_true",
+                          help="diagnose each quantum layer at each point: per_layer.csv and per_layer.png")
+    group = evaluate.add_argument_group("layers (a CNN run's conversion)")
+    add_layer_mapping(group)
+
+    finetune = sub.add_parser("finetune", parents=[verbosity],
+                              help="a trained CNN made a QCNN, calibrated and trained on")  # fmt: skip
+    finetune.add_argument("run", help="the CNN's run folder (of compare or sweep)")
+    finetune.add_argument("--calibrate", type=int, default=2560, metavar="N",
+                          help="training images that calibrate the BatchNorms first (0: none)")  # fmt: skip
+    finetune.add_argument("--out", default="runs/finetune", help="output folder (resumable)")
+    add_run_options(finetune)
+    finetune.set_defaults(func=cmd_finetune, epochs=1)
     evaluate.set_defaults(func=cmd_evaluate)
 
     plot = sub.add_parser("plot-sweeps", parents=[verbosity],
@@ -442,7 +518,8 @@ def main(argv: list[str] | None = None) -> None:
     use) ends in one line, ``error: ...``, and exit status 1; Ctrl-C in exit status 130."""
     args = build_parser().parse_args(argv)
     level = logging.ERROR if args.quiet else max(logging.DEBUG, logging.WARNING - 10 * args.verbose)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(level)
     if args.quiet and hasattr(args, "no_progress"):
         args.no_progress = True
     try:

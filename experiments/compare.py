@@ -22,22 +22,32 @@ from experiments.evaluate import load_checkpoint
 from experiments.plots import plot_curves
 from experiments.runfolder import read_curve
 from experiments.train import train_run
-from qcnn import convert
-from qcnn.training import evaluate
+from qcnn import calibrate, convert
+from qcnn.training import batches, evaluate
+from qcnn.tuning import quantum_norms
 
-LABELS = {"cnn": "CNN", "qcnn": "QCNN", "cnn-qcnn-test": "CNN train / QCNN test"}
+LABELS = {"cnn": "CNN", "qcnn": "QCNN", "cnn-qcnn-test": "CNN train / QCNN test",
+          "cnn-qcnn-calibrated": "CNN train / QCNN test, calibrated"}  # fmt: skip
 SUMMARY_FIELDS = ("model", "seed", "test_accuracy", "test_loss", "train_seconds", "diverged")
 
 
 def cnn_through_qcnn(
-    config: RunConfig, run_dir: Path, data: Mnist, device: torch.device
-) -> dict:
-    """Test metrics of the trained CNN of ``run_dir`` with its conv blocks run as QConv2d."""
+    config: RunConfig, run_dir: Path, data: Mnist, device: torch.device, calibrate_images: int = 0
+) -> dict[str, dict]:
+    """Test metrics of the trained CNN of ``run_dir`` with its conv blocks run as QConv2d
+    ("cnn-qcnn-test"), and where its quantum layers hold BatchNorms and ``calibrate_images``
+    is set, once more after calibrating them on that many training images
+    ("cnn-qcnn-calibrated")."""
     generator = torch.Generator(device).manual_seed(config.seed)
     _, cnn = load_checkpoint(run_dir, device, generator)
-    quantum = convert(cnn, config.layer_options, generator=generator)
+    quantum = convert(cnn, config.layer_options, layers=config.layer_map, generator=generator)
     images, labels = data.test_images[: config.test_limit], data.test_labels[: config.test_limit]
-    return evaluate(quantum, images, labels, config.test_batch_size)
+    results = {"cnn-qcnn-test": evaluate(quantum, images, labels, config.test_batch_size)}
+    if calibrate_images and quantum_norms(quantum):
+        train = (data.train_images[:calibrate_images], data.train_labels[:calibrate_images])
+        calibrate(quantum, batches(*train, config.batch_size))
+        results["cnn-qcnn-calibrated"] = evaluate(quantum, images, labels, config.test_batch_size)
+    return results
 
 
 def run_compare(
@@ -48,8 +58,11 @@ def run_compare(
     out: Path,
     device: torch.device,
     progress: bool = True,
+    calibrate_images: int = 0,
 ) -> list[dict]:
-    """Train every (model, seed); return and write one summary row per result."""
+    """Train every (model, seed); return and write one summary row per result (with a
+    calibrated "CNN train / QCNN test" row where ``calibrate_images`` and BatchNorms ask for
+    one)."""
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     curves: dict[str, list[list[dict]]] = {}
@@ -70,12 +83,10 @@ def run_compare(
         cnn_trained = any(r["model"] == "cnn" and r["seed"] == seed and not r["diverged"] for r in rows)
         if cnn_trained:  # a diverged CNN's weights are NaN: nothing to run through the QCNN
             config = replace(base, seed=seed)
-            result = cnn_through_qcnn(config, out / run_id(replace(config, model="cnn")), data, device)
-            accuracy, loss = result["test_accuracy"], result["test_loss"]
-            rows.append(
-                {"model": "cnn-qcnn-test", "seed": seed, "train_seconds": 0.0,
-                 "test_accuracy": accuracy, "test_loss": loss, "diverged": False}
-            )  # fmt: skip
+            cnn_run = out / run_id(replace(config, model="cnn"))
+            for name, result in cnn_through_qcnn(config, cnn_run, data, device, calibrate_images).items():
+                metrics = {key: result[key] for key in ("test_accuracy", "test_loss")}
+                rows.append({"model": name, "seed": seed, "train_seconds": 0.0, **metrics, "diverged": False})
     with open(out / "summary.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, SUMMARY_FIELDS)
         writer.writeheader()
@@ -90,19 +101,40 @@ def run_compare(
 
 def format_table(rows: list[dict]) -> str:
     """Mean ± std over seeds per model: test accuracy, test loss, training time."""
-    lines = [f"{'model':<22} {'seeds':>5} {'test accuracy %':>18} {'test loss':>10} {'train s':>8}"]
+    width = max(22, *(len(LABELS[row["model"]]) for row in rows))
+    lines = [f"{'model':<{width}} {'seeds':>5} {'test accuracy %':>18} {'test loss':>10} {'train s':>8}"]
     for model, label in LABELS.items():
         group = [r for r in rows if r["model"] == model and not r["diverged"]]
         diverged = sum(r["model"] == model and r["diverged"] for r in rows)
         if diverged:
-            lines.append(f"{label:<22} {diverged:>5}  diverged (no test accuracy)")
+            lines.append(f"{label:<{width}} {diverged:>5}  diverged (no test accuracy)")
         if not group:
             continue
         acc = [100 * r["test_accuracy"] for r in group]
         spread = f" ± {statistics.stdev(acc):.2f}" if len(acc) > 1 else ""
         lines.append(
-            f"{label:<22} {len(group):>5} {statistics.mean(acc):>10.2f}{spread:<8} "
+            f"{label:<{width}} {len(group):>5} {statistics.mean(acc):>10.2f}{spread:<8} "
             f"{statistics.mean(r['test_loss'] for r in group):>10.4f} "
             f"{statistics.mean(r['train_seconds'] for r in group):>8.1f}"
         )
+    return "\n".join(lines)
+
+
+def format_start(source: dict, metrics: dict) -> str:
+    """A fine-tuning run step by step: the CNN it started from (``source``, its metrics),
+    converted, calibrated, trained on as a QCNN (``metrics``); test accuracy and seconds."""
+    start = metrics["start"]
+    steps = [("CNN", source["test_accuracy"], source["train_seconds"]),
+             ("converted to a QCNN", start["converted"]["test_accuracy"], 0.0)]  # fmt: skip
+    if calibrated := start.get("calibrated"):
+        steps.append(("calibrated", calibrated["test_accuracy"], calibrated["calibrate_seconds"]))
+    seconds = metrics["train_seconds"]
+    if "diverged" in metrics:
+        steps.append((f"fine-tuned: diverged, {metrics['diverged']['reason']}", None, seconds))
+    else:
+        steps.append((f"fine-tuned, {len(metrics['epochs'])} epoch(s)", metrics["test_accuracy"], seconds))
+    lines = [f"{'step':<34} {'test accuracy %':>16} {'seconds':>8}"]
+    for label, accuracy, seconds in steps:
+        shown = "" if accuracy is None else f"{100 * accuracy:.2f}"
+        lines.append(f"{label:<34} {shown:>16} {seconds:>8.1f}")
     return "\n".join(lines)

@@ -17,7 +17,8 @@ OPTIMIZERS = ("sgd", "adam")
 OVERRIDES = ("norms", "cap_order")  # layer options that can depart from the mode's choice
 # Fields left out of run ids and stores while at these values, so that stores made before
 # the fields existed stay valid.
-OMITTED_AT = {"norms": None, "cap_order": None, "optimizer": "sgd"}
+OMITTED_AT = {"norms": None, "cap_order": None, "optimizer": "sgd", "layers": [], "init_from": None,
+              "calibrate": 0}  # fmt: skip
 # Each network's training recipe (optimizer, lr, momentum): the defaults of --net. The
 # authors' net and LeNet-5 keep the paper's plain SGD; the deeper nets learn in 2 epochs
 # with Adam, at its usual 1e-3, and 1e-2 for the small GoogLeNet (on 10,000 images, one
@@ -65,6 +66,11 @@ class RunConfig:
     train_limit: int | None = None
     test_limit: int | None = None
     log_every: int = 10
+    # Per-layer options, as qcnn.convert's ``layers`` mapping: ((name or pattern, ((option,
+    # value), ...) or None for classical), ...), in precedence order for the patterns.
+    layers: tuple = ()
+    init_from: str | None = None  # a trained CNN's run folder: the QCNN starts from its weights
+    calibrate: int = 0  # with init_from: training images that calibrate the BatchNorms first
 
     def __post_init__(self) -> None:
         if self.model not in ("cnn", "qcnn"):
@@ -91,6 +97,16 @@ class RunConfig:
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
         if not (is_number(self.momentum) and self.momentum >= 0 and math.isfinite(self.momentum)):
             raise ValueError(f"momentum must be a finite number >= 0, got {self.momentum!r}")
+        object.__setattr__(self, "layers", layer_rules(self.layers))  # JSON lists become tuples
+        for changes in self.layer_map.values():
+            if changes is not None:
+                self.layer_options.with_changes(**changes)  # an unknown or invalid option, by name
+        if not (is_integer(self.calibrate) and self.calibrate >= 0):
+            raise ValueError(f"calibrate must be an integer >= 0 (training images), got {self.calibrate!r}")
+        if self.init_from is not None and self.model != "qcnn":
+            raise ValueError("init_from starts a QCNN from a trained CNN: it needs model 'qcnn'")
+        if self.calibrate and self.init_from is None:
+            raise ValueError("calibrate goes with init_from (the BatchNorms of a CNN's weights)")
         _ = self.layer_options  # the layer's own checks, before any work
 
     @cached_property
@@ -110,6 +126,11 @@ class RunConfig:
         )
 
     @property
+    def layer_map(self) -> dict[str, dict | None]:
+        """``layers`` as the mapping :func:`qcnn.convert` takes."""
+        return {key: None if changes is None else dict(changes) for key, changes in self.layers}
+
+    @property
     def optimiser_delta(self) -> float:
         """δ added to every gradient at the optimiser step (authors' QCNN only)."""
         return self.delta if self.model == "qcnn" and self.mode == "authors" else 0.0
@@ -118,6 +139,7 @@ class RunConfig:
         """The fields, without those of :data:`OMITTED_AT` at their omitted value: run ids
         and result stores made before these fields existed stay valid."""
         data = asdict(self)
+        data["layers"] = [[key, None if changes is None else dict(changes)] for key, changes in self.layers]
         for name, value in OMITTED_AT.items():
             if data[name] == value:
                 del data[name]
@@ -139,6 +161,22 @@ class RunConfig:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
+def layer_rules(layers: object) -> tuple:
+    """A ``layers`` mapping ({key: {option: value} or None}, or its JSON form, a list of
+    pairs) as the hashable tuple :class:`RunConfig` keeps; ValueError naming a bad entry."""
+    pairs = list(layers.items()) if isinstance(layers, dict) else layers
+    if not isinstance(pairs, tuple | list):
+        raise ValueError(f"layers must map names or patterns to options or None, got {layers!r}")
+    rules = []
+    for pair in pairs:
+        valid = isinstance(pair, tuple | list) and len(pair) == 2 and isinstance(pair[0], str)
+        if not (valid and (pair[1] is None or isinstance(pair[1], dict | tuple | list))):
+            raise ValueError(f"layers: each entry is a name or pattern and its options or None, got {pair!r}")
+        key, changes = pair
+        rules.append((key, None if changes is None else tuple(dict(changes).items())))
+    return tuple(rules)
+
+
 def run_id(config: RunConfig) -> str:
     """A readable folder name, made unique by a short hash of the whole config."""
     if config.model == "cnn":
@@ -148,6 +186,7 @@ def run_id(config: RunConfig) -> str:
                  f"sigma{config.sigma:g}" if config.sigma is not None else "nosampling",
                  f"delta{config.delta:g}", config.estimator, config.sampling, config.backprop]  # fmt: skip
         parts += [f"{name}-{getattr(config, name)}" for name in OVERRIDES if getattr(config, name)]
+        parts += ["per-layer"] * bool(config.layers) + ["from-cnn"] * bool(config.init_from)
     digest = hashlib.sha1(json.dumps(config.as_dict(), sort_keys=True).encode()).hexdigest()[:8]
     parts += [f"e{config.epochs}", f"n{config.train_limit or 'all'}", f"seed{config.seed}", digest]
     return "_".join(parts)

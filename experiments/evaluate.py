@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import logging
 import statistics
 from pathlib import Path
 
@@ -21,11 +22,13 @@ from tqdm import tqdm
 from experiments.config import RunConfig
 from experiments.data import Mnist
 from experiments.models import build_model
-from experiments.plots import plot_accuracy
+from experiments.plots import plot_accuracy, plot_per_layer
 from experiments.runfolder import read_checkpoint
-from qcnn import configure, convert
-from qcnn.training import evaluate
+from qcnn import calibrate, configure, convert, diagnose
+from qcnn.training import batches, evaluate
+from qcnn.tuning import quantum_norms
 
+log = logging.getLogger(__name__)
 FIELDS = ("epsilon", "sigma", "cap", "repeat", "test_accuracy", "test_loss")
 
 
@@ -51,23 +54,53 @@ def run_evaluate(
     seed: int,
     out: Path,
     progress: bool = True,
+    *,
+    layers: dict | None = None,
+    calibrate_images: int = 0,
+    per_layer: bool = False,
 ) -> list[dict]:
     """Evaluate every grid point ``repeats`` times; write ``evaluate.csv`` (one row per pass)
-    and ``accuracy_vs_epsilon.png`` into ``out``; return the rows."""
+    and ``accuracy_vs_epsilon.png`` into ``out``; return the rows.
+
+    ``layers`` (a CNN run only) is the conversion's per-layer mapping (:func:`qcnn.convert`).
+    With ``calibrate_images``, each grid point first calibrates the quantum layers'
+    BatchNorms on that many training images (:func:`qcnn.calibrate`). With ``per_layer``,
+    each grid point is also diagnosed layer by layer (:func:`qcnn.diagnose`), into
+    ``per_layer.csv`` and ``per_layer.png``.
+    """
     generator = torch.Generator(device).manual_seed(seed)
     config, model = load_checkpoint(checkpoint, device, generator)
     if config.model == "cnn":
-        model = convert(model, config.layer_options, generator=generator)
+        model = convert(model, config.layer_options, layers=layers or config.layer_map, generator=generator)
+    elif layers:
+        raise ValueError(f"{checkpoint} is a QCNN run: a layers mapping chooses how a CNN run is converted")
+    if calibrate_images and not quantum_norms(model):
+        log.warning("evaluate: the quantum layers hold no BatchNorm: no calibration to do")
+        calibrate_images = 0
     images, labels = data.test_images[: config.test_limit], data.test_labels[: config.test_limit]
     grid = list(itertools.product(epsilons, sigmas, caps))
-    rows = []
+    rows, diagnosed = [], []
     for epsilon, sigma, cap in tqdm(grid, desc="evaluate", disable=not progress):
         configure(model, epsilon=epsilon, sigma=sigma, cap=cap)
+        if calibrate_images:
+            train = (data.train_images[:calibrate_images], data.train_labels[:calibrate_images])
+            calibrate(model, batches(*train, config.batch_size))
         for repeat in range(repeats):
             result = evaluate(model, images, labels, config.test_batch_size)
             point = {"epsilon": epsilon, "sigma": sigma, "cap": cap, "repeat": repeat}
             rows.append({**point, "test_accuracy": result["test_accuracy"], "test_loss": result["test_loss"]})
+        if per_layer:
+            diagnosis = diagnose(model, images, labels, config.test_batch_size)
+            accuracies = {key: diagnosis[key] for key in ("exact_accuracy", "quantum_accuracy")}
+            point = {"epsilon": epsilon, "sigma": sigma, "cap": cap}
+            diagnosed += [{**point, **row, **accuracies} for row in diagnosis["layers"]]
     out.mkdir(parents=True, exist_ok=True)
+    if per_layer:
+        with open(out / "per_layer.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, list(diagnosed[0]))
+            writer.writeheader()
+            writer.writerows(diagnosed)
+        plot_per_layer(diagnosed, out / "per_layer.png")
     with open(out / "evaluate.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, FIELDS)
         writer.writeheader()

@@ -19,7 +19,7 @@ def build_model(config: RunConfig, device: torch.device, generator: torch.Genera
     torch.manual_seed(config.seed)
     model = NETWORKS[config.net]()
     if config.model == "qcnn":
-        model = convert(model, config.layer_options, generator=generator)
+        model = convert(model, config.layer_options, layers=config.layer_map, generator=generator)
     return model.to(device)
 
 

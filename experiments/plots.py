@@ -74,3 +74,33 @@ def plot_accuracy_panels(
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_per_layer(rows: list[dict], path: Path) -> None:
+    """Sensitivity per layer: one bar per layer (the accuracy with only that layer quantum,
+    every other exact), one colour per grid point; the accuracy with every layer exact (the
+    classical network) and with every layer quantum as lines, chance as a dotted line. One
+    pass over the test images each: no error bars."""
+    points = list(dict.fromkeys((row["epsilon"], row["sigma"], row["cap"]) for row in rows))
+    layers = list(dict.fromkeys(row["layer"] for row in rows))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.4 * len(layers) * len(points) + 2) + 4, 4.5))
+    width = 0.8 / len(points)
+    for index, point in enumerate(points):
+        chosen = {row["layer"]: row for row in rows if (row["epsilon"], row["sigma"], row["cap"]) == point}
+        x = np.arange(len(layers)) + (index - (len(points) - 1) / 2) * width
+        label = f"ε={point[0]:g}, σ={'no sampling' if point[1] is None else point[1]}, C={point[2]:g}"
+        bars = ax.bar(x, [100 * chosen[layer]["sensitivity_accuracy"] for layer in layers], width,
+                      label=f"only this layer quantum ({label})")  # fmt: skip
+        first = next(iter(chosen.values()))
+        ax.axhline(100 * first["quantum_accuracy"], color=bars.patches[0].get_facecolor(), linestyle="--",
+                   label=f"every layer quantum ({label})")  # fmt: skip
+    ax.axhline(100 * rows[0]["exact_accuracy"], color="black", label="every layer exact (classical)")
+    ax.axhline(10, color="grey", linestyle=":", label="chance (10 classes)")
+    ax.set_xticks(np.arange(len(layers)), layers, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("test accuracy (%), one pass")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import json
 import math
 import statistics
 import time
@@ -192,7 +193,8 @@ GROUPED = tuple(f.name for f in fields(RunConfig) if f.name != "seed")
 def configuration(row: dict) -> tuple:
     """The fields that tell configurations apart; seeds of one configuration share them. A
     field missing from an older run's row has its omitted value (``OMITTED_AT``)."""
-    return tuple(row.get(name, OMITTED_AT.get(name)) for name in GROUPED)
+    values = (row.get(name, OMITTED_AT.get(name)) for name in GROUPED)
+    return tuple(json.dumps(value) if isinstance(value, list | dict) else value for value in values)
 
 
 def varying(rows: list[dict]) -> tuple[str, ...]:

@@ -5,6 +5,10 @@ config in the same folder resumes from the last checkpoint, or returns at once i
 had finished. A run whose loss becomes NaN or inf stops there and is stored as diverged:
 ``metrics.json`` says ``"diverged"`` (where, and the last finite loss) and has no test
 accuracy; the curve keeps its finite points.
+
+A QCNN run with ``init_from`` (fine-tuning) starts from a trained CNN's weights instead of
+its initialisation: converted, evaluated, calibrated on ``calibrate`` training images
+(:func:`qcnn.calibrate`) and evaluated again, all recorded under ``"start"`` in its metrics.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from experiments.config import RunConfig
 from experiments.data import Mnist
 from experiments.files import run_lock
 from experiments.models import build_model, build_optimiser
-from qcnn.training import Diverged, evaluate, train_epoch
+from qcnn import calibrate, load_classical
+from qcnn.training import Diverged, batches, evaluate, train_epoch
 
 
 def train_run(
@@ -61,6 +66,8 @@ def _train(config: RunConfig, data: Mnist, out_dir: Path, device: torch.device, 
         noise.set_state(state["noise"])
         order.set_state(state["order"])
         metrics, curve, start_epoch = state["metrics"], state["curve"], state["epoch"]
+    elif config.init_from is not None:
+        metrics["start"] = start_from_cnn(config, model, (train_x, train_y), (test_x, test_y), device)
 
     if start_epoch == config.epochs:  # finished, but its metrics.json was lost: write it again
         runfolder.write_metrics(out_dir, metrics)
@@ -102,3 +109,34 @@ def _train(config: RunConfig, data: Mnist, out_dir: Path, device: torch.device, 
             )  # fmt: skip
             runfolder.write_metrics(out_dir, metrics)
     return metrics
+
+
+def source_run(folder: Path, device: torch.device, net: str | None = None) -> dict:
+    """The checkpoint of the trained CNN run in ``folder``; ValueError if it is not one (of
+    ``net``, if given)."""
+    state = runfolder.read_checkpoint(folder, device)
+    source = RunConfig.from_dict(state["config"])
+    if source.model != "cnn":
+        raise ValueError(f"{folder} is not a CNN run (its model is {source.model!r}): fine-tuning starts "
+                         "from a CNN")  # fmt: skip
+    if net is not None and source.net != net:
+        raise ValueError(f"{folder} trained the {source.net} net, not {net}")
+    return state
+
+
+def start_from_cnn(config: RunConfig, model: torch.nn.Module, train: tuple, test: tuple, device) -> dict:
+    """Load ``config.init_from``'s CNN weights into the QCNN ``model`` and calibrate it on
+    the first ``config.calibrate`` training images; the test metrics of each step."""
+    load_classical(model, source_run(Path(config.init_from), device, config.net)["model"])
+
+    def tested() -> dict:
+        result = evaluate(model, *test, config.test_batch_size)
+        return {"test_accuracy": result["test_accuracy"], "test_loss": result["test_loss"]}
+
+    start = {"converted": tested()}
+    if config.calibrate:
+        started = time.perf_counter()
+        images, labels = (part[: config.calibrate] for part in train)
+        calibrate(model, batches(images, labels, config.batch_size))
+        start["calibrated"] = {**tested(), "calibrate_seconds": time.perf_counter() - started}
+    return start

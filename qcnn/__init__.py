@@ -6,7 +6,9 @@ their defaults), :class:`QuantumSGD` and :func:`add_gradient_noise` the optimise
 quantum gradient error. :func:`convert` turns a classical model's conv → ReLU patterns into
 ``QConv2d`` layers, :func:`configure` changes the options of every layer of a model, and
 :func:`load_classical` and :func:`classical_state_dict` carry weights between a model and its
-converted copy. :mod:`qcnn.training` trains and evaluates any model.
+converted copy. :func:`calibrate` re-estimates the quantum layers' BatchNorm statistics under
+the quantum forward, :func:`diagnose` compares each layer with its exact limit (error, SQNR,
+sampling, cost, sensitivity), and :mod:`qcnn.training` trains and evaluates any model.
 
 The core needs torch, numpy and numba; the circuit backends need the ``circuits`` extra.
 """
@@ -17,8 +19,10 @@ from qcnn import cost, functional, training
 from qcnn.backprop import QuantumSGD, add_gradient_noise
 from qcnn.convert import ConversionReport, classical_state_dict, configure, convert, load_classical
 from qcnn.cost import LayerCost
+from qcnn.diagnostics import diagnose
 from qcnn.layer import QConv2d
 from qcnn.options import QConvOptions
+from qcnn.tuning import calibrate
 
 try:
     __version__ = version("qcnn")
@@ -33,10 +37,12 @@ __all__ = [
     "QuantumSGD",
     "__version__",
     "add_gradient_noise",
+    "calibrate",
     "classical_state_dict",
     "configure",
     "convert",
     "cost",
+    "diagnose",
     "functional",
     "load_classical",
     "training",

@@ -1,27 +1,38 @@
 """Turn a user's CNN into a QCNN: :func:`convert` and :func:`configure`.
 
 A quantum layer stands for a convolution whose output goes through a ReLU-like
-non-linearity (``docs/algorithm.md``, *Classical terms before the non-linearity*). :func:`convert` finds each
+non-linearity (``docs/algorithm.md``, *Classical terms before the non-linearity*).
+:func:`convert` finds each
 
     Conv2d → [BatchNorm2d] → [+ shortcut] → ReLU | ReLU6 | Hardtanh(0, C) → [Max/AvgPool2d]
 
 and replaces it by one :class:`~qcnn.QConv2d` with the same weights: the BatchNorm becomes
 the layer's ``norm``, the shortcut (a ResNet block's identity or projection) its forward's
 ``shortcut`` argument, ReLU6 and Hardtanh(0, C) set the cap C, and a pooling whose window
-equals its stride becomes the layer's pooling. Where the model traces with ``torch.fx``,
-the patterns are found in its graph, so ``F.relu``, ``torch.relu``, ``x.relu_()`` and
-residual additions in ``forward`` are seen; the result is a ``torch.fx.GraphModule``. Where
-it does not trace, each submodule is tried in turn, and ``nn.Sequential`` children are
-matched module by module. Every ``nn.Conv2d`` of the model ends in the report, converted or
-not and why: nothing is skipped silently.
+equals its stride becomes the layer's pooling.
+
+As in torch.ao's fx fusion, the pattern is data (:data:`PATTERN`), each model form only
+lists the steps that follow a convolution (the nodes of its ``torch.fx`` graph, where the
+model traces, so that ``F.relu``, ``torch.relu``, ``x.relu_()`` and residual additions in
+``forward`` are seen; else the children of each ``nn.Sequential``, submodule by submodule),
+one matcher decides, and a separate pass replaces what matched. A traced model comes back as
+a ``torch.fx.GraphModule``, a ``Sequential`` as a ``Sequential``.
+
+``layers`` chooses options per layer, with torch.ao's ``QConfigMapping`` precedence: a
+convolution's qualified name, then fnmatch patterns in the mapping's order, then module
+types, then the global options; ``None`` keeps a layer classical. Every ``nn.Conv2d`` of the
+model ends in the report, converted (with the rule that set its options) or not and why:
+nothing is skipped silently.
 """
 
 from __future__ import annotations
 
 import copy
+import fnmatch
 import logging
 import operator
 from collections import Counter
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -49,6 +60,7 @@ class ConversionReport:
 
     converted: dict[str, str] = field(default_factory=dict)  # name -> the pattern replaced
     skipped: dict[str, str] = field(default_factory=dict)  # name -> why it stayed classical
+    rules: dict[str, str] = field(default_factory=dict)  # name -> the rule that chose its options
 
     def summary(self) -> str:
         """One line: how many convolutions were converted, how many left classical and why."""
@@ -61,15 +73,22 @@ class ConversionReport:
         return text
 
     def __str__(self) -> str:
-        lines = [f"{name}: QConv2d ({pattern})" for name, pattern in self.converted.items()]
+        lines = [
+            f"{name}: QConv2d ({pattern}), options by {self.rules[name]}"
+            for name, pattern in self.converted.items()
+        ]
         lines += [f"{name}: left classical ({reason})" for name, reason in self.skipped.items()]
         return "\n".join(lines)
+
+
+LayerRules = Mapping["str | type[nn.Module]", "dict | None"]
 
 
 def convert(
     model: nn.Module,
     options: QConvOptions | None = None,
     *,
+    layers: LayerRules | None = None,
     generator: torch.Generator | None = None,
     **overrides: object,
 ) -> nn.Module:
@@ -79,13 +98,17 @@ def convert(
     ``options`` (a :class:`~qcnn.QConvOptions`, its defaults if None) with ``overrides``
     (``epsilon=``, ``cap=``, ``sigma=``, ...: any of its fields) are given to every new
     layer, with ``generator`` for their randomness; a ReLU6 or Hardtanh(0, C) sets that
-    layer's cap instead. Each layer takes its convolution's place, so the convolutions keep
+    layer's cap instead. ``layers`` maps a convolution's qualified name (``"features.0"``),
+    an fnmatch pattern (``"layer4.*"``) or a module type to a dict of options that override
+    the global ones for those layers, or to None to keep them classical (precedence: name,
+    patterns in order, types, global). Each layer takes its convolution's place, so the convolutions keep
     their state_dict keys; a BatchNorm moves into the layer (``norm``), and
     :func:`classical_state_dict` and :func:`load_classical` translate its keys between the
     two models. The copy's ``conversion_report`` (a :class:`ConversionReport`) names each
     convolution converted, and each left classical with the reason; one summary line is
     logged at INFO, the whole report at DEBUG. ValueError for a non-module or a TorchScript
-    module, an unknown or invalid option, or a model with no convertible convolution.
+    module, an unknown or invalid option, a ``layers`` key that matches no convolution, or a
+    model with no convertible convolution.
     """
     if isinstance(model, torch.jit.ScriptModule):
         raise ValueError(
@@ -97,8 +120,10 @@ def convert(
     if options is not None and not isinstance(options, QConvOptions):
         raise ValueError(f"options must be a QConvOptions or None, got {options!r}")
     options = (options or QConvOptions()).with_changes(**overrides)  # fails here, once
+    convolutions = {name: m for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    rules = _Rules(options, layers or {}, convolutions)
     report = ConversionReport()
-    converted = _Converter(options, generator, report).convert(copy.deepcopy(model), "")
+    converted = _Converter(rules, generator, report).convert(copy.deepcopy(model), "")
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d) and name not in report.converted and name not in report.skipped:
             report.skipped[name] = "not reached by a traced graph or a module walk"
@@ -111,17 +136,24 @@ def convert(
     return converted
 
 
-def configure(model: nn.Module, **overrides: object) -> list[str]:
-    """Set options on every :class:`~qcnn.QConv2d` of ``model`` (validated for every layer
-    before any changes), e.g. ``configure(model, epsilon=0.1)``; returns the layers' names.
-    ValueError if there is none."""
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, QConv2d)}
-    if not layers:
+def configure(model: nn.Module, *, layers: LayerRules | None = None, **overrides: object) -> list[str]:
+    """Set options on the :class:`~qcnn.QConv2d` layers of ``model`` (validated for every
+    layer before any changes), e.g. ``configure(model, epsilon=0.1)``: ``overrides`` on every
+    layer, then ``layers`` (keyed as in :func:`convert`) per layer on top, where None leaves a
+    layer as it was. Returns the names of the layers changed. ValueError if there is none,
+    or for a ``layers`` key that matches no layer."""
+    found = {name: m for name, m in model.named_modules() if isinstance(m, QConv2d)}
+    if not found:
         raise ValueError(f"{type(model).__name__} holds no QConv2d to configure")
-    updated = {name: layer.options.with_changes(**overrides) for name, layer in layers.items()}
-    for name, layer in layers.items():
-        layer.options = updated[name]
-    return list(layers)
+    rules = _Rules(QConvOptions(), layers or {}, found)
+    updated = {}
+    for name, layer in found.items():
+        changes, _ = rules.changes(name, layer)
+        if changes is not None:
+            updated[name] = layer.options.with_changes(**{**overrides, **changes})
+    for name, options in updated.items():
+        found[name].options = options
+    return list(updated)
 
 
 def _norm_renames(model: nn.Module) -> dict[str, str]:
@@ -165,20 +197,155 @@ def load_classical(
     return model.load_state_dict({_renamed(key, renames): v for key, v in state_dict.items()}, strict)
 
 
+class _Rules:
+    """The options of each convolution from the global options and a ``layers`` mapping,
+    with torch.ao's precedence: exact name, then patterns in order, then types."""
+
+    def __init__(self, options: QConvOptions, layers: LayerRules, modules: dict[str, nn.Module]) -> None:
+        self.options = options
+        self.names, self.patterns, self.types = {}, {}, {}
+        for key, value in layers.items():
+            if value is not None and not isinstance(value, Mapping):
+                raise ValueError(f"layers[{key!r}] must be a dict of options or None, got {value!r}")
+            if value is not None:
+                options.with_changes(**value)  # an unknown or invalid option fails here, once
+            if isinstance(key, type) and issubclass(key, nn.Module):
+                self.types[key] = value
+            elif isinstance(key, str) and key in modules:
+                self.names[key] = value
+            elif isinstance(key, str) and any(char in key for char in "*?["):
+                self.patterns[key] = value
+            elif isinstance(key, str):
+                raise ValueError(f"layers key {key!r} names no convolution; they are {sorted(modules)}")
+            else:
+                raise ValueError(f"layers keys are names, patterns or module types, got {key!r}")
+        unmatched = [key for key in self.patterns if not any(fnmatch.fnmatchcase(n, key) for n in modules)]
+        unmatched += [t.__name__ for t in self.types if not any(isinstance(m, t) for m in modules.values())]
+        if unmatched:
+            raise ValueError(f"layers key(s) {unmatched} match no convolution; they are {sorted(modules)}")
+
+    def changes(self, name: str, module: nn.Module) -> tuple[dict | None, str]:
+        """(the option changes for this layer, or None to keep it classical; the rule)."""
+        if name in self.names:
+            return self.names[name], f"name {name!r}"
+        for pattern, value in self.patterns.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                return value, f"pattern {pattern!r}"
+        for kind, value in self.types.items():
+            if isinstance(module, kind):
+                return value, f"type {kind.__name__}"
+        return {}, "the global options"
+
+
+@dataclass
+class _Step:
+    """One step after a convolution, in a graph or a Sequential: its kind (a kind of
+    :data:`PATTERN`, "other", or "refuse" with the reason in ``value``), what it holds (the
+    BatchNorm, the cap, the pooling, the shortcut node), a label for the report, and where
+    it is (the fx node or the Sequential's index, and a module's qualified name)."""
+
+    kind: str
+    value: object = None
+    label: str = ""
+    place: object = None
+    name: str | None = None
+
+
+# The pattern, as data: the kinds of step that may follow a Conv2d, in order, and whether
+# each may be absent. One matcher (_match) walks it over the steps of any model form.
+PATTERN = (("norm", True), ("add", True), ("relu", False), ("pool", True))
+
+
 @dataclass
 class _Match:
-    """One conv → ... → non-linearity chain found in a graph or a Sequential."""
+    """The steps a convolution's pattern took, and what the layer takes from them."""
 
+    steps: list[_Step] = field(default_factory=list)
     cap: float | None = None  # None: a plain ReLU (the options' cap applies)
     norm: nn.BatchNorm2d | None = None
-    norm_name: str | None = None  # the BatchNorm's qualified name in the model
+    norm_name: str | None = None
     pooling: tuple[str, int] | None = None
-    steps: list[str] = field(default_factory=list)  # for the report
+    shortcut: fx.Node | None = None
+
+    def describe(self) -> str:
+        return " → ".join(["Conv2d", *(step.label for step in self.steps)])
+
+
+def _match(conv: nn.Conv2d, steps: Iterator[_Step]) -> _Match | str:
+    """The match of :data:`PATTERN` on the steps that follow ``conv``, or why there is none."""
+    match, step = _Match(), next(steps, None)
+    for kind, optional in PATTERN:
+        if step is not None and step.kind == "refuse":
+            return str(step.value)
+        if step is None or step.kind != kind:
+            if optional:
+                continue
+            return f"no ReLU after it: {step.label if step is not None else 'nothing follows'}"
+        if kind == "norm":
+            if step.value.num_features != conv.out_channels:
+                return f"{step.name} normalises {step.value.num_features} channels, not {conv.out_channels}"
+            match.norm, match.norm_name = step.value, step.name
+        elif kind == "add":
+            match.shortcut = step.value
+        elif kind == "relu":
+            match.cap = step.value
+        elif kind == "pool":
+            match.pooling = step.value
+        match.steps.append(step)
+        step = next(steps, None)
+    return match
+
+
+def _module_step(module: nn.Module, name: str, place: object) -> _Step:
+    """The step a module is, wherever it stands."""
+    if isinstance(module, nn.BatchNorm2d):
+        return _Step("norm", module, "BatchNorm2d", place, name)
+    if (cap := _relu_module_cap(module)) is not False:
+        return _Step("relu", cap, "ReLU" if cap is None else f"capped ReLU (C={cap:g})", place)
+    if pool := _pooling(module):
+        return _Step("pool", pool, f"{type(module).__name__}({pool[1]})", place)
+    return _Step("other", None, f"{type(module).__name__} follows", place)
+
+
+def _sequential_steps(seq: nn.Sequential, index: int, prefix: str) -> Iterator[_Step]:
+    for at in range(index + 1, len(seq)):
+        yield _module_step(seq[at], f"{prefix}{at}", at)
+    yield _Step("other", None, "the Sequential's end follows")
+
+
+def _graph_steps(conv_node: fx.Node, modules: dict) -> Iterator[_Step]:
+    """The steps along the single-user chain from ``conv_node`` in its graph."""
+    node = conv_node
+    while True:
+        if len(node.users) != 1:
+            users = ", ".join(user.name for user in node.users) or "nothing"
+            yield _Step("other", None, f"its output ({node.name}) goes to {users}")
+            return
+        previous, node = node, next(iter(node.users))
+        if node.op == "call_module" and isinstance(modules[node.target], QConv2d):
+            if node.args[1:] == (previous,):  # the deeper branch, converted first, takes it
+                yield _Step("refuse", _SHORTCUT)
+            else:
+                yield _Step("other", None, f"its output goes to {node.name}")
+        elif node.op == "call_module":
+            yield _module_step(modules[node.target], node.target, node)
+        elif _is_add(node):
+            others = [arg for arg in node.args if arg is not previous]
+            if len(others) != 1 or not isinstance(others[0], fx.Node):
+                yield _Step("refuse", f"{node.name} adds something other than one tensor")
+            elif _is_deeper_branch(others[0], conv_node, modules):
+                yield _Step("refuse", _SHORTCUT)
+            else:
+                yield _Step("add", others[0], "+ shortcut", node)
+        elif (cap := _relu_function_cap(node)) is not False:
+            yield _Step("relu", cap, "ReLU" if cap is None else f"capped ReLU (C={cap:g})", node)
+        else:
+            yield _Step("other", None, f"its output goes to {node.name}")
 
 
 class _Converter:
-    def __init__(self, options: QConvOptions, generator: torch.Generator | None, report: ConversionReport):
-        self.options, self.generator, self.report = options, generator, report
+    def __init__(self, rules: _Rules, generator: torch.Generator | None, report: ConversionReport):
+        self.rules, self.generator, self.report = rules, generator, report
 
     def convert(self, module: nn.Module, prefix: str) -> nn.Module:
         """``module`` converted: by its fx graph where it traces, else by a module walk."""
@@ -193,28 +360,34 @@ class _Converter:
             return self._walk(module, prefix, f"{type(error).__name__}: {str(error).splitlines()[0]}")
         return self._rewrite(graph_module, prefix)
 
-    def _layer(self, conv: nn.Conv2d, match: _Match) -> QConv2d:
-        changes = {}
+    def _decide(self, name: str, conv: nn.Conv2d, steps: Iterator[_Step], shared: bool = False):
+        """The match and the layer's options for the convolution ``name``, or None (with the
+        reason in the report)."""
+        changes, rule = self.rules.changes(name, conv)
+        self.report.rules[name] = rule
+        if changes is None:
+            reason = f"kept classical by the layers mapping ({rule})"
+        elif shared:
+            reason = "called more than once in forward (shared weights)"
+        else:
+            reason = _unsupported(conv)
+        match = _match(conv, steps) if reason is None else reason
+        if isinstance(match, str):
+            self.report.skipped[name] = match
+            return None
+        self.report.converted[name] = match.describe()
         if match.cap is not None:
-            changes["cap"] = match.cap
+            changes = {**changes, "cap": match.cap}
         if match.pooling is not None:
-            changes["pooling"], changes["pool_size"] = match.pooling
-        layer = QConv2d.from_conv(conv, self.options.with_changes(**changes), generator=self.generator)
+            changes = {**changes, "pooling": match.pooling[0], "pool_size": match.pooling[1]}
+        return match, self.rules.options.with_changes(**changes)
+
+    def _layer(self, conv: nn.Conv2d, match: _Match, options: QConvOptions) -> QConv2d:
+        layer = QConv2d.from_conv(conv, options, generator=self.generator)
         layer.norm, layer.norm_origin = match.norm, match.norm_name
         return layer
 
-    def _unsupported(self, conv: nn.Conv2d) -> str | None:
-        if conv.groups != 1:
-            return f"grouped convolution (groups={conv.groups})"
-        if conv.dilation != (1, 1):
-            return f"dilated convolution (dilation={conv.dilation})"
-        if conv.padding_mode != "zeros":
-            return f"padding_mode={conv.padding_mode!r} (the layer pads with zeros)"
-        if isinstance(conv.padding, str):
-            return f"padding={conv.padding!r} (the layer takes numeric padding)"
-        return None
-
-    # -- traced models -------------------------------------------------------------------
+    # -- traced models: replace the matched nodes by one call of the layer ------------------
 
     def _rewrite(self, gm: fx.GraphModule, prefix: str) -> fx.GraphModule:
         modules = dict(gm.named_modules())
@@ -222,26 +395,24 @@ class _Converter:
             n for n in gm.graph.nodes if n.op == "call_module" and isinstance(modules[n.target], nn.Conv2d)
         ]
         for node in calls:
-            name, conv = f"{prefix}{node.target}", modules[node.target]
-            reason = self._unsupported(conv)
-            if reason is None and sum(n.target == node.target for n in calls) > 1:
-                reason = "called more than once in forward (shared weights)"
-            if reason is None:
-                match, chain, shortcut, reason = self._match_graph(node, modules, conv)
-            if reason is not None:
-                self.report.skipped[name] = reason
+            conv, shared = modules[node.target], sum(n.target == node.target for n in calls) > 1
+            steps = _graph_steps(node, modules)
+            decided = self._decide(f"{prefix}{node.target}", conv, steps, shared)
+            if decided is None:
                 continue
+            match, options = decided
             if match.norm is not None:
-                match.norm_name = f"{prefix}{chain[1].target}"
+                match.norm_name = f"{prefix}{match.norm_name}"
             parent, _, leaf = node.target.rpartition(".")
-            setattr(gm.get_submodule(parent), leaf, self._layer(conv, match))  # the conv's place
-            args = (node.args[0],) if shortcut is None else (node.args[0], shortcut)
+            setattr(gm.get_submodule(parent), leaf, self._layer(conv, match, options))  # the conv's place
+            chain = [node, *(step.place for step in match.steps)]
+            args = (node.args[0],) if match.shortcut is None else (node.args[0], match.shortcut)
             with gm.graph.inserting_after(chain[-1]):
                 layer_call = gm.graph.call_module(node.target, args)
             chain[-1].replace_all_uses_with(layer_call)
             for dead in reversed(chain):
                 gm.graph.erase_node(dead)
-            self.report.converted[name] = " → ".join(["Conv2d", *match.steps])
+            modules[node.target] = gm.get_submodule(node.target)
         gm.graph.lint()
         # A BatchNorm moved into a layer is also a submodule of that layer, where
         # delete_all_unused_submodules (which visits each module once) would keep it: delete it.
@@ -257,49 +428,6 @@ class _Converter:
         gm.delete_all_unused_submodules()
         gm.recompile()
         return gm
-
-    def _match_graph(self, conv_node: fx.Node, modules: dict, conv: nn.Conv2d):
-        """(match, its nodes from the conv on, the shortcut node or None, None), or
-        (None, None, None, the reason there is none)."""
-        match, chain, shortcut = _Match(), [conv_node], None
-
-        def next_node() -> fx.Node | None:
-            return next(iter(chain[-1].users)) if len(chain[-1].users) == 1 else None
-
-        nxt = next_node()
-        if nxt is not None and nxt.op == "call_module" and isinstance(modules[nxt.target], nn.BatchNorm2d):
-            norm = modules[nxt.target]
-            if norm.num_features != conv.out_channels or not norm.track_running_stats:
-                return None, None, None, f"{nxt.target} is a BatchNorm2d without running statistics"
-            match.norm = norm  # the copy's own module, moved into the layer
-            match.steps.append("BatchNorm2d")
-            chain.append(nxt)
-            nxt = next_node()
-        if nxt is not None and _is_add(nxt):
-            others = [a for a in nxt.args if a is not chain[-1]]
-            if len(others) != 1 or not isinstance(others[0], fx.Node):
-                return None, None, None, f"{nxt.name} adds something other than one tensor"
-            shortcut = others[0]
-            if _is_deeper_branch(shortcut, conv_node, modules):
-                return None, None, None, _SHORTCUT
-            match.steps.append("+ shortcut")
-            chain.append(nxt)
-            nxt = next_node()
-        if nxt is not None and nxt.op == "call_module" and nxt.args[1:] == (chain[-1],):
-            return None, None, None, _SHORTCUT  # the deeper branch was converted first
-        cap = _relu_cap(nxt, modules) if nxt is not None else False
-        if cap is False:
-            users = ", ".join(u.name for u in chain[-1].users) or "nothing"
-            return None, None, None, f"no ReLU after it: its output ({chain[-1].name}) goes to {users}"
-        match.cap = cap
-        match.steps.append("ReLU" if cap is None else f"capped ReLU (C={cap:g})")
-        chain.append(nxt)
-        nxt = next_node()
-        if nxt is not None and nxt.op == "call_module" and (pool := _pooling(modules[nxt.target])):
-            match.pooling = pool
-            match.steps.append(f"{type(modules[nxt.target]).__name__}({pool[1]})")
-            chain.append(nxt)
-        return match, chain, shortcut, None
 
     # -- untraceable models: a module walk ------------------------------------------------
 
@@ -320,36 +448,30 @@ class _Converter:
         return module
 
     def _convert_sequential(self, seq: nn.Sequential, prefix: str) -> None:
-        """Conv2d, [BatchNorm2d], ReLU-like, [pool] runs of children, replaced in place
-        (the layer where the conv was, ``nn.Identity`` for the rest, so indices hold)."""
-        children = list(seq)
-        for index, conv in enumerate(children):
+        """Replace each matched run of children: the layer where the conv was,
+        ``nn.Identity`` for the rest, so that indices hold."""
+        for index, conv in enumerate(list(seq)):
             if not isinstance(conv, nn.Conv2d):
                 continue
-            if reason := self._unsupported(conv):
-                self.report.skipped[f"{prefix}{index}"] = reason
+            decided = self._decide(f"{prefix}{index}", conv, _sequential_steps(seq, index, prefix))
+            if decided is None:
                 continue
-            match, at = _Match(), index + 1
-            if at < len(children) and isinstance(children[at], nn.BatchNorm2d):
-                match.norm, match.norm_name = children[at], f"{prefix}{at}"
-                match.steps.append("BatchNorm2d")
-                at += 1
-            cap = _relu_module_cap(children[at]) if at < len(children) else False
-            if cap is False:
-                after = type(children[at]).__name__ if at < len(children) else "the Sequential's end"
-                self.report.skipped[f"{prefix}{index}"] = f"no ReLU after it: {after} follows"
-                continue
-            match.cap = cap
-            match.steps.append("ReLU" if cap is None else f"capped ReLU (C={cap:g})")
-            at += 1
-            if at < len(children) and (pool := _pooling(children[at])):
-                match.pooling = pool
-                match.steps.append(f"{type(children[at]).__name__}({pool[1]})")
-                at += 1
-            seq[index] = self._layer(conv, match)
-            for dead in range(index + 1, at):
-                seq[dead] = nn.Identity()
-            self.report.converted[f"{prefix}{index}"] = " → ".join(["Conv2d", *match.steps])
+            match, options = decided
+            seq[index] = self._layer(conv, match, options)
+            for step in match.steps:
+                seq[step.place] = nn.Identity()
+
+
+def _unsupported(conv: nn.Conv2d) -> str | None:
+    if conv.groups != 1:
+        return f"grouped convolution (groups={conv.groups})"
+    if conv.dilation != (1, 1):
+        return f"dilated convolution (dilation={conv.dilation})"
+    if conv.padding_mode != "zeros":
+        return f"padding_mode={conv.padding_mode!r} (the layer pads with zeros)"
+    if isinstance(conv.padding, str):
+        return f"padding={conv.padding!r} (the layer takes numeric padding)"
+    return None
 
 
 def _is_add(node: fx.Node) -> bool:
@@ -377,11 +499,9 @@ def _is_deeper_branch(node: fx.Node, conv_node: fx.Node, modules: dict) -> bool:
     return order[node.args[0]] > order[conv_node.args[0]]
 
 
-def _relu_cap(node: fx.Node, modules: dict) -> float | None | bool:
-    """The cap of a ReLU-like node: None for a plain ReLU, C for ReLU6/Hardtanh(0, C), False
-    for anything else."""
-    if node.op == "call_module":
-        return _relu_module_cap(modules.get(node.target))
+def _relu_function_cap(node: fx.Node) -> float | None | bool:
+    """The cap of a ReLU-like function or method call: None for a plain ReLU, C for
+    relu6/hardtanh(0, C), False for anything else."""
     if node.op == "call_function" and node.target in _RELU_FUNCTIONS:
         return None
     if node.op == "call_method" and node.target in _RELU_METHODS:

@@ -57,6 +57,11 @@ def test_an_error_is_one_line_on_stderr_and_exit_status_1():
         (["validate", "layer", "--cap", "-1"], "cap must be > 0"),
         (["bench", "--batch-sizes", "0"], "--batch-sizes must be >= 1, got 0"),
         (["evaluate", "no/such/run"], "no checkpoint at no/such/run (give a run folder"),
+        (["evaluate", "no/such/run", "--calibrate", "-1"], "--calibrate must be >= 0 (training images)"),
+        (["compare", "--classical", "conv9.*"], "layers key(s) ['conv9.*'] match no convolution; they are"),
+        (["compare", "--layer-options", "no.json"], "--layer-options no.json: No such file or directory"),
+        (["sweep", "--classical", "conv1.0", "--sigma", "0.0001"], "draws no sample"),
+        (["finetune", "no/such/run"], "no checkpoint at no/such/run"),
     ],
 )
 def test_bad_options_fail_before_any_work(argv, message, tmp_path, monkeypatch):
