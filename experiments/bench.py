@@ -6,23 +6,29 @@ conv blocks alone (forward + backward). On CUDA, the theory-mode QCNN also runs 
 operations instead of the fused kernels of ``qcnn.accel.fused`` ("qcnn-theory-unfused"), to show
 what they save. ``--compile`` adds the training step under ``torch.compile`` (CNN and
 theory-mode QCNN; the layers themselves stay eager). Variants are timed in interleaved
-rounds so that machine noise hits them alike; the median step time of each is reported with
-its ratio to the classical one. This is a benchmark, not a test: nothing here asserts a speed.
+rounds so that machine noise hits them alike; each one's step time and its ratio to the
+classical step of the same round are reported as median (min-max) over the rounds, and
+written with the machine and versions to ``bench.json``. This is a benchmark, not a test:
+nothing here asserts a speed.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
 from experiments.config import RunConfig
+from experiments.files import atomic_write_text
 from experiments.models import build_model, build_optimiser, check_network, qconv_layers
+from experiments.runfolder import provenance, strict
 
 # Each variant: the run's model and mode, layer options set on its QConv2d layers, and
 # whether its training step runs through torch.compile (the QCNN layers stay eager inside).
@@ -114,8 +120,8 @@ def _conv_blocks(
 
 def time_interleaved(
     steps: dict[str, Callable[[], None]], device: torch.device, rounds: int, repeat: int
-) -> dict[str, float]:
-    """Median seconds per call of each step, timed in ``rounds`` alternating rounds."""
+) -> dict[str, list[float]]:
+    """Seconds per call of each step in each of ``rounds`` alternating rounds."""
     for step in steps.values():  # warm-up: allocators, numba compilation, cuDNN choice
         for _ in range(3):
             step()
@@ -128,7 +134,11 @@ def time_interleaved(
                 step()
             _sync(device)
             samples[name].append((time.perf_counter() - start) / repeat)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return samples
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
 
 def profile_steps(devices: list[torch.device], batch: int, net: str = "authors", steps: int = 10) -> None:
@@ -183,9 +193,12 @@ def run_bench(
     repeat: int = 5,
     compiled: bool = False,
     net: str = "authors",
+    out: Path | None = None,
 ) -> list[dict]:
     """Time every variant of ``net``; print and return one row per (device, batch, what,
-    variant).
+    variant): its ms per step and its ratio to the CNN's step in the same round, each as
+    min, median and max over the rounds; with ``out``, also into ``out/bench.json`` with
+    the machine and versions (:func:`experiments.runfolder.provenance`).
 
     With ``compiled``, the training step is also timed under ``torch.compile`` (CNN and
     theory-mode QCNN), each against the eager CNN, so a slowdown shows. The conv blocks
@@ -194,20 +207,29 @@ def run_bench(
     print(f"torch {torch.__version__}; {net} net; rounds={rounds}, steps per round={repeat}")
     for device in devices:
         print(f"\n== {device}: {machine_description(device)}")
-        print(f"{'batch':>5}  {'timed':<14} {'variant':<21} {'ms':>8}  {'ratio to cnn':>12}")
+        header = f"{'ms (min-max)':>22}  {'ratio to cnn (min-max)':>24}"
+        print(f"{'batch':>5}  {'timed':<14} {'variant':<21} {header}")
         for batch in batch_sizes:
             timed = [("training step", _training_step, variants(device, net, compiled))]
             if net in TWO_CONV_NETS:
                 timed.append(("conv blocks", _conv_blocks, variants(device, net)))
             for what, make, chosen in timed:
                 steps = {name: make(*variant, device, batch) for name, variant in chosen.items()}
-                medians = time_interleaved(steps, device, rounds, repeat)
-                for name, seconds in medians.items():
-                    ratio = seconds / medians["cnn"]
+                samples = time_interleaved(steps, device, rounds, repeat)
+                for name, seconds in samples.items():
+                    ms = spread([1e3 * value for value in seconds])
+                    ratio = spread([value / cnn for value, cnn in zip(seconds, samples["cnn"], strict=True)])
                     rows.append(
-                        {"device": str(device), "machine": machine_description(device),
-                         "batch": batch, "timed": what, "variant": name,
-                         "ms": seconds * 1e3, "ratio": ratio}
+                        {"device": str(device), "machine": machine_description(device), "batch": batch,
+                         "timed": what, "variant": name, "rounds": rounds, "steps_per_round": repeat,
+                         **{f"ms_{key}": value for key, value in ms.items()},
+                         **{f"ratio_{key}": value for key, value in ratio.items()}}
                     )  # fmt: skip
-                    print(f"{batch:>5}  {what:<14} {name:<21} {seconds * 1e3:>8.2f}  {ratio:>12.2f}")
+                    ms_text = f"{ms['median']:.2f} ({ms['min']:.2f}-{ms['max']:.2f})"
+                    ratio_text = f"{ratio['median']:.2f} ({ratio['min']:.2f}-{ratio['max']:.2f})"
+                    print(f"{batch:>5}  {what:<14} {name:<21} {ms_text:>22}  {ratio_text:>24}")
+    if out is not None:
+        record = {"net": net, "provenance": provenance(devices[-1]), "rows": rows}
+        atomic_write_text(out / "bench.json", json.dumps(strict(record), indent=2, allow_nan=False))
+        print(f"\nbench.json in {out}")
     return rows

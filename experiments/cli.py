@@ -71,6 +71,16 @@ def report_diverged(rows: list[dict]) -> None:
         raise Diverged(f"{len(rows)} run(s) diverged (the loss became NaN or inf): {runs}")
 
 
+def check_data(config: RunConfig, data) -> None:
+    """CommandError for a --train-limit or --test-limit beyond the data (a run's configuration
+    records what it used); ValueError for a network the data's images do not fit."""
+    for option, limit, available in (("--train-limit", config.train_limit, len(data.train_images)),
+                                     ("--test-limit", config.test_limit, len(data.test_images))):  # fmt: skip
+        if limit is not None and limit > available:
+            raise CommandError(f"{option} {limit}: the data has {available} images (leave it out for all)")
+    check_network(config, tuple(data.train_images.shape[1:]))
+
+
 def resolve_device(name: str) -> torch.device:
     """"auto" takes CUDA when present and says so when it falls back to the CPU."""
     if name == "auto":
@@ -179,7 +189,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     if args.calibrate_images < 0:
         raise CommandError(f"--calibrate must be >= 0 (0: no calibrated row), got {args.calibrate_images}")
     data = load_mnist(args.data_dir, device)
-    check_network(base, tuple(data.train_images.shape[1:]))
+    check_data(base, data)
     seeds = list(range(args.seed, args.seed + args.seeds))
     print(f"compare: {', '.join(models)} on {device}, seeds {seeds}, results in {out}")
     started = time.perf_counter()
@@ -208,7 +218,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.profile:
         profile_steps(devices, args.batch_sizes[0], args.net)
     else:
-        run_bench(devices, args.batch_sizes, args.rounds, args.repeat, args.compile, args.net)
+        run_bench(devices, args.batch_sizes, args.rounds, args.repeat, args.compile, args.net,
+                  writable_folder(args.out))  # fmt: skip
 
 
 def validated_layer_options(args: argparse.Namespace) -> QConvOptions:
@@ -295,7 +306,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         raise CommandError(f"--calibrate {args.calibrate}: the run trained on {trained.train_limit} images")
     out = writable_folder(args.out)
     data = load_mnist(args.data_dir, device)
-    check_network(config, tuple(data.train_images.shape[1:]))
+    check_data(config, data)
     print(f"finetune: {source.name} as a QCNN on {device}, {config.epochs} epoch(s), results in {out}")
     metrics = train_run(config, data, out / run_id(config), device, not args.no_progress)
     print()
@@ -323,9 +334,9 @@ def sweep_configs(args: argparse.Namespace) -> list[RunConfig]:
     scalars = {name: values[0] for name, values in grid.items()}
     base = run_config(args, model="qcnn", seed=seeds[0], **{**scalars, **base_fields})
     configs = expand_grid(base, grid, seeds, with_cnn=not args.no_cnn)
-    image_shape = tuple(load_mnist(args.data_dir, "cpu", train_limit=1, test_limit=1).train_images.shape[1:])
-    for config in {replace(c, seed=seeds[0]) for c in configs if c.model == "qcnn"}:
-        check_network(config, image_shape)
+    data = load_mnist(args.data_dir, "cpu")
+    for config in {replace(c, seed=seeds[0]) for c in configs}:
+        check_data(config, data)
     return configs
 
 
@@ -422,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--net", choices=tuple(NETWORKS), default="authors", help="network (with its recipe)")
     bench.add_argument("--compile", action="store_true",
                        help="also time the training step under torch.compile (CNN and QCNN)")
+    bench.add_argument("--out", default="runs/bench", help="folder of bench.json (the timings and machine)")
     bench.add_argument("--profile", action="store_true",
                        help="instead of timing, profile 10 steps of each variant at the first batch size")
     bench.set_defaults(func=cmd_bench)

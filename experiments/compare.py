@@ -71,7 +71,8 @@ def run_compare(
             config = replace(base, model=model, seed=seed)
             run_dir = out / run_id(config)
             metrics = train_run(config, data, run_dir, device, progress)
-            curves.setdefault(LABELS[model], []).append(read_curve(run_dir))
+            if curve := read_curve(run_dir):  # None: unreadable, left out of the figure
+                curves.setdefault(LABELS[model], []).append(curve)
             diverged = "diverged" in metrics
             rows.append({"model": model, "seed": seed, **{k: metrics[k] for k in SUMMARY_FIELDS[2:-1]},
                          "diverged": diverged})  # fmt: skip

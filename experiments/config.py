@@ -15,6 +15,9 @@ LAYER = QConvOptions()  # the layer's defaults, which are the runs' defaults
 MODES = ("theory", "authors")
 OPTIMIZERS = ("sgd", "adam")
 OVERRIDES = ("norms", "cap_order")  # layer options that can depart from the mode's choice
+# The fields that only a QCNN run uses: a CNN run's summaries leave them empty.
+QCNN_FIELDS = ("epsilon", "cap", "sigma", "delta", "mode", "estimator", "sampling", "backprop", "norms",
+               "cap_order", "layers", "init_from", "calibrate")  # fmt: skip
 # Fields left out of run ids and stores while at these values, so that stores made before
 # the fields existed stay valid.
 OMITTED_AT = {"norms": None, "cap_order": None, "optimizer": "sgd", "layers": [], "init_from": None,

@@ -23,7 +23,7 @@ from experiments.config import RunConfig
 from experiments.data import Mnist
 from experiments.models import build_model
 from experiments.plots import plot_accuracy, plot_per_layer
-from experiments.runfolder import read_checkpoint
+from experiments.runfolder import read_checkpoint, read_metrics
 from qcnn import calibrate, configure, convert, diagnose
 from qcnn.training import batches, evaluate
 from qcnn.tuning import quantum_norms
@@ -35,9 +35,18 @@ FIELDS = ("epsilon", "sigma", "cap", "repeat", "test_accuracy", "test_loss")
 def load_checkpoint(
     path: Path, device: torch.device, generator: torch.Generator
 ) -> tuple[RunConfig, torch.nn.Module]:
-    """The run configuration and trained network of a run folder or its ``checkpoint.pt``."""
+    """The run configuration and trained network of a run folder or its ``checkpoint.pt``;
+    ValueError for a run that has not finished (or diverged): its numbers would be no result."""
     state = read_checkpoint(path, device)
     config = RunConfig.from_dict(state["config"])
+    if not state["metrics"].get("finished"):
+        folder = path if path.is_dir() else path.parent
+        latest = read_metrics(folder) or {}
+        done = len(state["metrics"]["epochs"])
+        why = f"it trained {done} of {config.epochs} epochs; rerun its command to finish it"
+        if "diverged" in latest:
+            why = f"it diverged ({latest['diverged']['reason']})"
+        raise ValueError(f"{path} is not a finished run: {why}")
     model = build_model(config, device, generator)
     model.load_state_dict(state["model"])
     return config, model

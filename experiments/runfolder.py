@@ -12,9 +12,14 @@ with a warning naming it, so the run is trained again from its last readable sta
 from __future__ import annotations
 
 import csv
+import importlib.metadata
+import io
 import json
 import logging
+import math
 import pickle
+import platform
+import subprocess
 import zipfile
 from pathlib import Path
 from typing import TextIO
@@ -55,8 +60,58 @@ def read_metrics(folder: Path) -> dict | None:
         return None
 
 
+def strict(value: object) -> object:
+    """``value`` with every NaN or infinite float as None: strict JSON, which has neither."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: strict(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict(item) for item in value]
+    return value
+
+
+VERSIONS = ("qcnn", "torch", "numpy", "numba", "triton", "pennylane", "qiskit", "qiskit-aer")
+
+
+def provenance(device: torch.device) -> dict:
+    """What a run's numbers depend on besides its configuration: the versions of qcnn (and
+    the git commit of its source, "+dirty" with uncommitted changes) and of the packages
+    that compute, the torch threads, the device and the CPU."""
+    versions = {}
+    for name in VERSIONS:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    source = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()  # fmt: skip
+        status = ["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"]
+        dirty = subprocess.run(status, capture_output=True, text=True, timeout=10, check=True).stdout
+        commit += "+dirty" * bool(dirty.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {"versions": versions, "commit": commit, "python": platform.python_version(),
+            "threads": torch.get_num_threads(), "device": str(device), "device_name": name, "cpu": cpu_name()}
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def write_metrics(folder: Path, metrics: dict) -> None:
-    atomic_write_text(folder / METRICS, json.dumps(metrics, indent=2))
+    """``metrics.json`` as strict JSON (a non-finite number, an infinite cost at ε = 0, is null)."""
+    atomic_write_text(folder / METRICS, json.dumps(strict(metrics), indent=2, allow_nan=False))
 
 
 def read_finished(folder: Path, config: RunConfig) -> dict | None:
@@ -67,13 +122,32 @@ def read_finished(folder: Path, config: RunConfig) -> dict | None:
     return None
 
 
-def read_curve(folder: Path) -> list[dict]:
-    """The training curve: [{"images_seen": int, "loss": float}, ...]."""
-    with open(folder / CURVE, newline="") as handle:
-        return [
-            {"images_seen": int(row["images_seen"]), "loss": float(row["loss"])}
-            for row in csv.DictReader(handle)
-        ]
+def read_curve(folder: Path) -> list[dict] | None:
+    """The training curve, [{"images_seen": int, "loss": float}, ...]. A missing or damaged
+    ``curve.csv`` is rebuilt from the checkpoint's copy (with a warning), or left out (None,
+    with a warning) where there is none."""
+    try:
+        with open(folder / CURVE, newline="") as handle:
+            return [
+                {"images_seen": int(row["images_seen"]), "loss": float(row["loss"])}
+                for row in csv.DictReader(handle)
+            ]
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        damage = f"{type(error).__name__}: {error}"
+    try:
+        points = read_checkpoint(folder, torch.device("cpu"))["curve"]
+    except ValueError:
+        log.warning("%s cannot be read (%s) and there is no checkpoint to rebuild it from: left out",
+                    folder / CURVE, damage)  # fmt: skip
+        return None
+    text = io.StringIO()
+    writer = csv.DictWriter(text, CURVE_FIELDS)
+    writer.writeheader()
+    writer.writerows(points)
+    atomic_write_text(folder / CURVE, text.getvalue())
+    log.warning("%s cannot be read (%s): rebuilt from the checkpoint (%d points, to its last epoch)",
+                folder / CURVE, damage, len(points))  # fmt: skip
+    return [{"images_seen": point["images_seen"], "loss": point["loss"]} for point in points]
 
 
 class CurveWriter:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from experiments.config import OMITTED_AT, RunConfig, run_id
+from experiments.config import OMITTED_AT, QCNN_FIELDS, RunConfig, run_id
 from experiments.files import RunLocked
 from experiments.plots import plot_accuracy, plot_accuracy_panels, plot_curves
 from experiments.runfolder import read_curve, read_finished, read_metrics
@@ -168,7 +168,10 @@ def collect(out: Path) -> list[dict]:
         metrics = read_metrics(path.parent)
         if not (metrics and metrics.get("finished")):
             continue
-        row = {**metrics["config"], "run": path.parent.name, "test_accuracy": metrics["test_accuracy"],
+        config = metrics["config"]
+        if config["model"] == "cnn":  # the layer's fields are no part of a CNN
+            config = {**config, **dict.fromkeys(QCNN_FIELDS)}
+        row = {**config, "run": path.parent.name, "test_accuracy": metrics["test_accuracy"],
                "test_loss": metrics["test_loss"], "train_seconds": metrics["train_seconds"],
                "diverged": "diverged" in metrics}  # fmt: skip
         for layer, cost in metrics.get("cost", {}).items():
@@ -267,11 +270,11 @@ def write_reports(out: Path) -> list[dict]:
     (out / "summary.md").write_text(summary_markdown(summary))
     if series := sigma_series(summary, labelled):
         plot_accuracy(series, out / "accuracy_vs_sigma.png")
-    cnn_runs = [read_curve(out / "runs" / r["run"]) for r in rows if r["model"] == "cnn"]
+    curves_of = {row["run"]: read_curve(out / "runs" / row["run"]) for row in rows}  # None: left out
+    cnn_runs = [curves_of[r["run"]] for r in rows if r["model"] == "cnn" and curves_of[r["run"]]]
     figures: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
-        if row["model"] == "qcnn":
-            curve = read_curve(out / "runs" / row["run"])
+        if row["model"] == "qcnn" and (curve := curves_of[row["run"]]):
             key = (*(row[a] for a in AXES), variant(row, labelled))
             figures[key][f"σ={row['sigma']}"].append(curve)
     for (epsilon, cap, delta, kind), curves in figures.items():

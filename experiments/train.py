@@ -2,7 +2,8 @@
 
 A run writes into its folder (:mod:`experiments.runfolder`) as it goes. Rerunning the same
 config in the same folder resumes from the last checkpoint, or returns at once if the run
-had finished. A run whose loss becomes NaN or inf stops there and is stored as diverged:
+had finished. A run whose training loss, a parameter or its test loss becomes NaN or inf (checked at every
+step and every evaluation) stops there and is stored as diverged:
 ``metrics.json`` says ``"diverged"`` (where, and the last finite loss) and has no test
 accuracy; the curve keeps its finite points.
 
@@ -13,6 +14,7 @@ its initialisation: converted, evaluated, calibrated on ``calibrate`` training i
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from experiments.data import Mnist
 from experiments.files import run_lock
 from experiments.models import build_model, build_optimiser
 from qcnn import calibrate, load_classical
+from qcnn.functional import NonFiniteError
 from qcnn.training import Diverged, batches, evaluate, train_epoch
 
 
@@ -72,6 +75,8 @@ def _train(config: RunConfig, data: Mnist, out_dir: Path, device: torch.device, 
     if start_epoch == config.epochs:  # finished, but its metrics.json was lost: write it again
         runfolder.write_metrics(out_dir, metrics)
         return metrics
+    # One entry per session that trained it (a resumed run may change machine or threads).
+    metrics.setdefault("provenance", []).append(runfolder.provenance(device))
     with open(out_dir / runfolder.CURVE, "w", newline="") as handle:
         writer = runfolder.CurveWriter(handle, curve)
         for epoch in range(start_epoch, config.epochs):
@@ -87,6 +92,8 @@ def _train(config: RunConfig, data: Mnist, out_dir: Path, device: torch.device, 
                     log_every=config.log_every, on_log=log_point, progress=progress,
                     desc=f"{config.model} epoch {epoch + 1}/{config.epochs}",
                 )  # fmt: skip
+                train_seconds = time.perf_counter() - started
+                result = tested(model, (test_x, test_y), config.test_batch_size, epoch + 1)
             except Diverged as error:
                 seconds = sum(e["train_seconds"] for e in metrics["epochs"]) + time.perf_counter() - started
                 last = curve[-1]["loss"] if curve else None
@@ -95,8 +102,6 @@ def _train(config: RunConfig, data: Mnist, out_dir: Path, device: torch.device, 
                                diverged=where)  # fmt: skip
                 runfolder.write_metrics(out_dir, metrics)
                 return metrics
-            train_seconds = time.perf_counter() - started
-            result = evaluate(model, test_x, test_y, config.test_batch_size)
             metrics["epochs"].append({"epoch": epoch + 1, "train_seconds": train_seconds, **result})
             metrics.update(result)
             metrics["train_seconds"] = sum(e["train_seconds"] for e in metrics["epochs"])
@@ -109,6 +114,18 @@ def _train(config: RunConfig, data: Mnist, out_dir: Path, device: torch.device, 
             )  # fmt: skip
             runfolder.write_metrics(out_dir, metrics)
     return metrics
+
+
+def tested(model: torch.nn.Module, test: tuple, batch_size: int, epoch: int) -> dict:
+    """The test metrics after ``epoch``; :class:`Diverged` if the test loss, or a quantum
+    layer's input or weights, is NaN or inf: such a model has no accuracy to report."""
+    try:
+        result = evaluate(model, *test, batch_size)
+    except NonFiniteError as error:
+        raise Diverged(f"{error} in the test after epoch {epoch}") from None
+    if not math.isfinite(result["test_loss"]):
+        raise Diverged(f"the test loss became {result['test_loss']} after epoch {epoch}")
+    return result
 
 
 def source_run(folder: Path, device: torch.device, net: str | None = None) -> dict:

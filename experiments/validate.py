@@ -15,14 +15,13 @@ For each backend, on k MNIST test images:
 ``validate network`` (:func:`run_network`) runs a whole trained network instead: every inner product
 of every QCNN layer, and every sampling step, on each backend in turn (``torch``, the
 emulation, first), with the same estimator, on the same test images; it reports each
-accuracy, the paired difference to the emulation with its 95 % confidence interval, and the
-throughput.
+accuracy, the paired difference to the emulation with an exact 95 % interval and McNemar's
+exact test (:func:`paired_difference`), and the throughput.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -242,10 +241,7 @@ def run_network(
         if reference is None:
             reference = correct
         else:
-            difference = correct.double() - reference.double()
-            half_width = stats.norm.ppf(0.975) * difference.std().item() / math.sqrt(len(difference))
-            row.update(difference=difference.mean().item(), difference_ci=half_width,
-                       disagreements=int((correct != reference).sum()))  # fmt: skip
+            row.update(paired_difference(correct, reference))
         results.append(row)
         print(format_network_row(row))
     report = {"images": len(images), "shots": shots, "seed": seed, "results": results,
@@ -257,6 +253,24 @@ def run_network(
     return report
 
 
+def paired_difference(correct: torch.Tensor, reference: torch.Tensor, level: float = 0.95) -> dict:
+    """The accuracy difference of two classifiers on the same images, with an exact test and
+    interval: ``b`` images only ``correct`` gets right, ``c`` only ``reference``; McNemar's
+    exact p-value (b ~ Binomial(b + c, 1/2) if neither is better), and for the difference
+    (b − c)/n the interval of the Clopper–Pearson intervals of b/n and c/n at (1 + level)/2
+    each (Bonferroni): exact, never narrower than ``level``, and not empty of width when no
+    image differs, where a normal approximation collapses to ± 0."""
+    n = len(correct)
+    b = int((correct & ~reference).sum())
+    c = int((~correct & reference).sum())
+    each = 1 - (1 - level) / 2
+    b_low, b_high = stats.binomtest(b, n).proportion_ci(each, method="exact")
+    c_low, c_high = stats.binomtest(c, n).proportion_ci(each, method="exact")
+    p_value = stats.binomtest(b, b + c, 0.5).pvalue if b + c else 1.0
+    return {"difference": (b - c) / n, "difference_low": b_low - c_high, "difference_high": b_high - c_low,
+            "disagreements": b + c, "mcnemar_p": p_value}
+
+
 def _pair_count(layer: QConv2d, x: torch.Tensor) -> int:
     """The inner products a forward pass of ``layer`` on ``x`` estimates: B · H'W' · D'."""
     geometry = zip(x.shape[2:], layer.padding, layer.kernel_size, layer.stride, strict=True)
@@ -265,14 +279,15 @@ def _pair_count(layer: QConv2d, x: torch.Tensor) -> int:
 
 
 NETWORK_HEADER = (
-    "| backend | device | images | test accuracy | difference to the emulation (95 % CI) "
+    "| backend | device | images | test accuracy | difference to the emulation [exact 95 % CI], McNemar p "
     "| images that differ | inner products/s | images/s |"
 )
 
 
 def format_network_row(row: dict) -> str:
     if "difference" in row:
-        difference = f"{100 * row['difference']:+.2f} ± {100 * row['difference_ci']:.2f} %"
+        interval = f"[{100 * row['difference_low']:+.2f}, {100 * row['difference_high']:+.2f}]"
+        difference = f"{100 * row['difference']:+.2f} % {interval}, p = {row['mcnemar_p']:.3g}"
         differ = str(row["disagreements"])
     else:
         difference, differ = "reference", ""

@@ -43,6 +43,10 @@ from qcnn.sampling import capped_relu_, n_samples, sample_
 CostRecorder = Callable[[LayerCost], None]
 
 
+class NonFiniteError(ValueError):
+    """The layer's input or weights hold NaN or inf (inside training: it diverged)."""
+
+
 def check_input(x: torch.Tensor, weight: torch.Tensor, generator: torch.Generator | None) -> None:
     """ValueError for input the layer cannot take, before any work is done."""
     if x.dim() != 4:
@@ -61,9 +65,9 @@ def check_input(x: torch.Tensor, weight: torch.Tensor, generator: torch.Generato
     # NaN propagates to both extremes, an infinity shows in one: one pass, no copy of x, and
     # no further tensor operations (each small one costs tens of µs inside a training step).
     if not all(math.isfinite(extreme.item()) for extreme in torch.aminmax(x)):
-        raise ValueError("input contains NaN or inf")
+        raise NonFiniteError("input contains NaN or inf")
     if not all(math.isfinite(extreme.item()) for extreme in torch.aminmax(weight.detach())):
-        raise ValueError("the layer's weights contain NaN or inf (did training diverge?)")
+        raise NonFiniteError("the layer's weights contain NaN or inf (did training diverge?)")
     check_generator(generator)
     if generator is not None and generator.device.type != x.device.type:
         raise ValueError(

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from qcnn.functional import NonFiniteError
 from qcnn.layer import QConv2d
 
 # |logsumexp| of a row of log-probabilities is float rounding; a logits row is off by far more.
@@ -87,7 +88,9 @@ def train_epoch(
     desc: str = "training",
 ) -> list[float]:
     """One epoch of mini-batch training of any model; returns the loss of every
-    ``log_every``-th batch. Raises :class:`Diverged` if one of them is NaN or inf.
+    ``log_every``-th batch. Raises :class:`Diverged` as soon as a batch's loss, or at the
+    end a parameter, is NaN or inf, or a quantum layer meets NaN or inf (its input, its
+    weights): a diverged run, where training stops.
 
     The batches are shuffled by ``generator`` (in order if None). ``loss_fn(output, labels)``
     is the loss (see the module docstring). ``on_log(batch index, batch size, loss)`` is
@@ -100,21 +103,26 @@ def train_epoch(
                       desc, progress)  # fmt: skip
     for index, (x, y) in enumerate(steps):
         optimiser.zero_grad(set_to_none=True)
-        output = model(x)
+        try:
+            output = model(x)
+        except NonFiniteError as error:
+            raise Diverged(f"{error} at batch {index}") from None
         if index == 0:
             check_output(output, loss_fn)
         loss = loss_fn(output, y)
+        value = loss.item()  # every batch: a NaN can turn into finite nonsense a batch later
+        if not math.isfinite(value):
+            raise Diverged(f"the loss became {value} at batch {index}")
         loss.backward()
         optimiser.step()
-        if index % log_every == 0:  # a NaN stays NaN: checking the logged batches finds it
-            value = loss.item()
-            if not math.isfinite(value):
-                raise Diverged(f"the loss became {value} at batch {index}")
+        if index % log_every == 0:
             losses.append(value)
             if on_log is not None:
                 on_log(index, len(x), value)
             if progress:
                 steps.set_postfix(loss=f"{value:.3f}")
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise Diverged("a parameter became NaN or inf in the last batch's step")
     return losses
 
 
@@ -163,6 +171,7 @@ def evaluate(
 
 
 def finite_mean(values: list[float]) -> float:
-    """Mean of the finite values (a quantum cost is infinite where ε = 0); inf if none is."""
-    finite = [v for v in values if math.isfinite(v)]
+    """Mean of the finite values (a quantum cost is infinite where ε = 0, and None in a
+    metrics.json); inf if none is."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
     return sum(finite) / len(finite) if finite else math.inf

@@ -222,3 +222,16 @@ def test_validate_first_layer_and_bench_print_their_tables(tmp_path, mnist_raw_d
               "--backend-device", "cpu"])  # fmt: skip
     printed = capsys.readouterr().out
     assert printed.count("| pennylane | default.qubit on CPU | 9 |") == 2 and "| AE qubits |" in printed
+
+
+def test_validate_network_states_an_exact_interval_even_when_no_image_differs():
+    """The normal approximation gave "+0.00 ± 0.00 %" for 5 images that all agree."""
+    from experiments.validate import paired_difference
+
+    same = paired_difference(torch.ones(5, dtype=torch.bool), torch.ones(5, dtype=torch.bool))
+    upper = 1 - 0.0125 ** (1 / 5)  # two-sided Clopper–Pearson at 97.5 % (Bonferroni): 0 successes in 5
+    assert same["difference"] == 0 and same["mcnemar_p"] == 1 and same["disagreements"] == 0
+    assert same["difference_low"] == pytest.approx(-upper) and same["difference_high"] == pytest.approx(upper)
+    better = paired_difference(torch.ones(8, dtype=torch.bool), torch.zeros(8, dtype=torch.bool))
+    assert better["difference"] == 1 and better["mcnemar_p"] == pytest.approx(2 * 0.5**8)
+    assert better["difference_low"] < 1 and better["difference_high"] == pytest.approx(1)

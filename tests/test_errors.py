@@ -132,6 +132,41 @@ def test_a_diverging_run_is_stored_and_reported_as_diverged(tmp_path, mnist_raw_
     fails_with(argv, "1 run(s) diverged")  # rerun: found finished as diverged, not retrained
 
 
+def strict_json(path) -> dict:
+    """``path`` read as strict JSON: a bare NaN or Infinity token is an error."""
+
+    def refuse(token: str):
+        raise AssertionError(f"{path}: {token} is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_a_run_that_diverges_between_logged_batches_is_diverged_not_a_result(tmp_path, mnist_raw_dir):
+    """At lr 1e6 the QCNN's loss turns NaN between two logged batches; its evaluation used
+    to report 7.81 % with a NaN test loss and bare NaN tokens in metrics.json."""
+    out = tmp_path / "out"
+    argv = ["compare", "--model", "qcnn", "--lr", "1e6", *TINY, "--out", str(out)]
+    fails_with(argv, "1 run(s) diverged")
+    (run,) = [path for path in out.iterdir() if path.is_dir()]
+    metrics = strict_json(run / "metrics.json")
+    assert metrics["test_accuracy"] is None and metrics["diverged"]["epoch"] == 1
+
+
+@pytest.mark.parametrize("model", ["cnn", "qcnn"])
+def test_a_layers_nan_error_inside_a_run_is_divergence_and_the_sweep_goes_on(tmp_path, mnist_raw_dir, model):
+    """The layer's own NaN-weight error (the CNN through the QCNN, or σ = 0.3 at lr 1e6) used
+    to abort the command on every rerun; now the run is diverged and the other runs train."""
+    out = tmp_path / "out"
+    if model == "cnn":
+        argv = ["compare", "--model", "cnn", "--lr", "1e6", *TINY, "--out", str(out)]
+        fails_with(argv, "1 run(s) diverged")
+        return
+    argv = ["sweep", "--sigma", "0.3", "0.5", "--lr", "1e6", "--no-cnn", *TINY, "--out", str(out)]
+    fails_with(argv, "2 run(s) diverged")
+    metrics = [strict_json(path) for path in sorted(out.glob("runs/*/metrics.json"))]
+    assert len(metrics) == 2 and all(m["finished"] and m["diverged"] for m in metrics)
+
+
 def test_sweep_summary_keeps_configurations_that_differ_in_any_field_apart():
     rows = []
     for lr, accuracies in ((0.01, [0.9, 0.92]), (0.1, [0.5, None])):

@@ -1,0 +1,86 @@
+"""Numbers that say what they are: an unfinished run is no result, a configuration records
+the data it used, a damaged curve is rebuilt or left out, a CNN row has no layer options,
+every run and benchmark records its machine and versions."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import replace
+
+import pytest
+import torch
+
+from experiments import cli, train
+from experiments.runfolder import read_curve
+from experiments.sweep import collect, summarise
+from tests.test_errors import TINY, fails_with
+from tests.test_experiments import CPU
+from tests.test_experiments import TINY as TINY_CONFIG
+
+
+def test_evaluate_refuses_a_run_killed_after_its_first_epoch(tmp_path, mnist_small, monkeypatch):
+    config = replace(TINY_CONFIG, model="cnn", epochs=3)
+    evaluate, calls = train.evaluate, []
+
+    def killed(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed in epoch 2's evaluation
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_run(config, mnist_small, tmp_path / "run", CPU, progress=False)
+    fails_with(["evaluate", str(tmp_path / "run"), "--out", str(tmp_path / "evaluate")],
+               "is not a finished run: it trained 1 of 3 epochs; rerun its command to finish it")  # fmt: skip
+
+
+def test_a_limit_beyond_the_data_is_refused_not_recorded(tmp_path, mnist_raw_dir):
+    fails_with(["compare", "--test-limit", "20000", "--out", str(tmp_path)],
+               "--test-limit 20000: the data has 10000 images")  # fmt: skip
+
+
+def test_a_damaged_or_missing_curve_of_a_finished_run_is_rebuilt_from_the_checkpoint(tmp_path, mnist_small,
+                                                                                      caplog):  # fmt: skip
+    folder = tmp_path / "run"
+    train.train_run(TINY_CONFIG, mnist_small, folder, CPU, progress=False)
+    whole = (folder / "curve.csv").read_text()
+    (folder / "curve.csv").write_text(whole[: whole.rindex(",")])  # the last line cut short
+    with caplog.at_level(logging.WARNING):
+        assert len(read_curve(folder)) == len(whole.splitlines()) - 1
+    assert "rebuilt from the checkpoint" in caplog.text and (folder / "curve.csv").read_text() == whole
+    (folder / "curve.csv").unlink()
+    assert read_curve(folder) is not None and (folder / "curve.csv").read_text() == whole
+    (folder / "curve.csv").unlink()
+    (folder / "checkpoint.pt").unlink()
+    with caplog.at_level(logging.WARNING):
+        assert read_curve(folder) is None
+    assert "no checkpoint to rebuild it from: left out" in caplog.text
+    assert train.train_run(TINY_CONFIG, mnist_small, folder, CPU, progress=False)["finished"]  # not rerun
+
+
+def test_a_cnn_row_has_no_layer_options_and_every_run_records_its_provenance(tmp_path, mnist_raw_dir):
+    out = tmp_path / "sweep"
+    cli.main(["sweep", "--sigma", "0.2", *TINY, "--out", str(out)])
+    rows = {row["model"]: row for row in collect(out)}
+    assert rows["cnn"]["sigma"] is None and rows["cnn"]["epsilon"] is None and rows["qcnn"]["sigma"] == 0.2
+    cnn = next(entry for entry in summarise(list(rows.values())) if entry["model"] == "cnn")
+    assert cnn["sigma"] is None and cnn["epsilon"] is None
+    with open(out / "summary.csv") as handle:
+        assert next(row for row in csv.DictReader(handle) if row["model"] == "cnn")["sigma"] == ""
+    metrics = json.loads(next(out.glob("runs/cnn_*/metrics.json")).read_text())
+    (session,) = metrics["provenance"]
+    assert session["versions"]["torch"] == torch.__version__ and session["threads"] == torch.get_num_threads()
+    assert session["cpu"] and session["commit"] is None or len(session["commit"].split("+")[0]) == 40
+
+
+def test_bench_writes_every_figure_with_its_spread(tmp_path):
+    cli.main(["bench", "--cpu-only", "--batch-sizes", "2", "--rounds", "2", "--repeat", "1",
+              "--out", str(tmp_path)])  # fmt: skip
+    record = json.loads((tmp_path / "bench.json").read_text())
+    assert record["provenance"]["threads"] == torch.get_num_threads()
+    row = next(row for row in record["rows"] if row["variant"] == "qcnn-theory")
+    assert row["ms_min"] <= row["ms_median"] <= row["ms_max"] and row["ratio_min"] <= row["ratio_max"]
+
