@@ -112,11 +112,11 @@ def add_run_options(parser: argparse.ArgumentParser, grid: bool = False) -> None
 
     group = parser.add_argument_group("training (defaults: the paper's)")
     group.add_argument("--net", choices=tuple(NETWORKS), default=d.net, help="network")
-    group.add_argument("--epochs", type=int, default=d.epochs)
+    group.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training images")
     group.add_argument("--train-limit", type=int, default=None, help="first N training images")
     group.add_argument("--test-limit", type=int, default=None, help="first N test images")
-    group.add_argument("--batch-size", type=int, default=d.batch_size)
-    group.add_argument("--test-batch-size", type=int, default=d.test_batch_size)
+    group.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size")
+    group.add_argument("--test-batch-size", type=int, default=d.test_batch_size, help="test batch size")
     group.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
                        help="default: the net's recipe (experiments.config.RECIPES; sgd for authors, lenet5)")
     group.add_argument("--lr", type=float, default=None, help="default: the net's recipe (0.01 for authors)")
@@ -129,10 +129,11 @@ def add_run_options(parser: argparse.ArgumentParser, grid: bool = False) -> None
     group.add_argument("--mode", choices=MODES, default=d.mode,
                        help="theory: exact norms, f(Y+noise), δ in the layers' backward; "
                             "authors: the authors' simulation")  # fmt: skip
-    group.add_argument("--estimator", default=d.estimator,
-                       choices=ESTIMATORS)  # fmt: skip
-    group.add_argument("--sampling", choices=SAMPLINGS, default=d.sampling)
-    group.add_argument("--backprop", choices=BACKPROPS, default=d.backprop)
+    group.add_argument("--estimator", default=d.estimator, choices=ESTIMATORS, help="inner-product estimate")
+    group.add_argument("--shots", type=int, default=None,
+                       help="shots of the shots estimator (default: ⌈1/(4ε²)⌉; needed at ε = 0)")
+    group.add_argument("--sampling", choices=SAMPLINGS, default=d.sampling, help="probability ∝ f or f²")
+    group.add_argument("--backprop", choices=BACKPROPS, default=d.backprop, help="δ's error model")
     group.add_argument("--norms", choices=NORMS, default=None,
                        help="patch norms, overriding the mode's choice")  # fmt: skip
     group.add_argument("--cap-order", choices=CAP_ORDERS, default=None,
@@ -413,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = sub.add_parser("compare", parents=[verbosity],
                              help="train CNN and QCNN on MNIST and compare them")  # fmt: skip
-    compare.add_argument("--model", choices=("cnn", "qcnn", "both"), default="both")
+    compare.add_argument("--model", choices=("cnn", "qcnn", "both"), default="both", help="what to train")
     compare.add_argument("--seed", type=int, default=DEFAULTS.seed, help="first seed")
     compare.add_argument("--seeds", type=int, default=1, help="number of seeds (seed, seed+1, ...)")
     compare.add_argument("--out", default="runs/compare", help="output folder (resumable)")
@@ -425,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", parents=[verbosity],
                            help="time QCNN against CNN training steps (not a test)")  # fmt: skip
-    bench.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 512])
+    bench.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 512], help="batch sizes timed")
     bench.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds")
     bench.add_argument("--repeat", type=int, default=5, help="steps per round")
     bench.add_argument("--cpu-only", action="store_true", help="skip CUDA even when present")
@@ -446,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--seeds", type=int, default=1, help="number of seeds")
     sweep.add_argument("--no-cnn", action="store_true", help="skip the CNN baseline runs")
     sweep.add_argument("--workers", type=int, default=1, help="runs side by side (processes or Ray tasks)")
-    sweep.add_argument("--launcher", choices=("local", "ray"), default="local")
+    sweep.add_argument("--launcher", choices=("local", "ray"), default="local", help="where runs execute")
     sweep.add_argument("--ray-address", default=None, help="Ray cluster address (default: start one locally)")
     sweep.add_argument("--out", default="runs/sweep", help="result store (resumable)")
     add_run_options(sweep, grid=True)
@@ -463,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=1, help="seed of the layers' randomness")
     evaluate.add_argument("--device", default="auto", help="auto, cpu or cuda")
     evaluate.add_argument("--data-dir", default=None, help="folder with the MNIST IDX files")
-    evaluate.add_argument("--out", default="runs/evaluate")
+    evaluate.add_argument("--out", default="runs/evaluate", help="output folder")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
     evaluate.add_argument("--calibrate", type=int, default=0, metavar="N",
                           help="calibrate the quantum layers' BatchNorms on N training images at each point")
@@ -510,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
         job.add_argument("--shots", type=int, default=100, help="Hadamard-test shots per inner product")
         job.add_argument("--cap", type=float, default=DEFAULTS.cap, help="ReLU cap C")
         job.add_argument("--data-dir", default=None, help="folder with the MNIST IDX files")
-        job.add_argument("--out", default=out)
+        job.add_argument("--out", default=out, help="output folder")
     bench = jobs.add_parser("bench", parents=[verbosity], help="time inner products for 5-9 qubits")
     bench.add_argument("--backends", nargs="+", default=DEFAULT_BACKENDS, help="name or name:simulator")
     bench.add_argument("--shots", type=int, default=100, help="Hadamard-test shots per inner product")
@@ -522,7 +523,28 @@ def build_parser() -> argparse.ArgumentParser:
         job.add_argument("--backend-device", choices=BACKEND_DEVICES, default="auto")
         job.add_argument("--seed", type=int, default=1)
         job.set_defaults(func=command)
+    for command in parsers(parser):
+        command.formatter_class = HelpFormatter
     return parser
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each option's default, unless it is None or off, or its help says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """``parser`` and every command's parser below it."""
+    found = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                found += parsers(command)
+    return found
 
 
 def main(argv: list[str] | None = None) -> None:

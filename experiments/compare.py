@@ -81,6 +81,8 @@ def run_compare(
                 print(f"  {label:<6} seed {seed}: diverged, {metrics['diverged']['reason']}")
             else:
                 print(f"  {label:<6} seed {seed}: test accuracy {100 * metrics['test_accuracy']:.2f} %")
+                if note := near_chance(config, metrics["test_accuracy"], len(data.train_images)):
+                    print(f"  {label:<6} seed {seed}: {note}")
         cnn_trained = any(r["model"] == "cnn" and r["seed"] == seed and not r["diverged"] for r in rows)
         if cnn_trained:  # a diverged CNN's weights are NaN: nothing to run through the QCNN
             config = replace(base, seed=seed)
@@ -98,6 +100,22 @@ def run_compare(
     )
     plot_curves(curves, out / "curves.png", title)
     return rows
+
+
+CHANCE = 0.1  # ten classes
+# A recipe that learns on little data: over 80 % on 2,000 images (tests/test_experiments.py).
+SMALL_DATA_RECIPE = "--train-limit 2000 --epochs 5 --lr 0.05 --momentum 0.5"
+
+
+def near_chance(config: RunConfig, accuracy: float, available: int) -> str | None:
+    """Why a run that ends below twice chance learnt nothing, or None if it did learn."""
+    if accuracy >= 2 * CHANCE:
+        return None
+    images = min(config.train_limit or available, available)
+    steps = config.epochs * -(-images // config.batch_size)
+    return (f"near chance ({100 * CHANCE:.0f} %): {steps} step(s) of batch {config.batch_size} at lr "
+            f"{config.lr:g} ({config.optimizer}) are too few for this recipe; on little data, "
+            f"{SMALL_DATA_RECIPE} learns (README, Quick start)")  # fmt: skip
 
 
 def format_table(rows: list[dict]) -> str:

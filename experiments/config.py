@@ -17,11 +17,11 @@ OPTIMIZERS = ("sgd", "adam")
 OVERRIDES = ("norms", "cap_order")  # layer options that can depart from the mode's choice
 # The fields that only a QCNN run uses: a CNN run's summaries leave them empty.
 QCNN_FIELDS = ("epsilon", "cap", "sigma", "delta", "mode", "estimator", "sampling", "backprop", "norms",
-               "cap_order", "layers", "init_from", "calibrate")  # fmt: skip
+               "cap_order", "layers", "init_from", "calibrate", "shots")  # fmt: skip
 # Fields left out of run ids and stores while at these values, so that stores made before
 # the fields existed stay valid.
 OMITTED_AT = {"norms": None, "cap_order": None, "optimizer": "sgd", "layers": [], "init_from": None,
-              "calibrate": 0}  # fmt: skip
+              "calibrate": 0, "shots": None}  # fmt: skip
 # Each network's training recipe (optimizer, lr, momentum): the defaults of --net. The
 # authors' net and LeNet-5 keep the paper's plain SGD; the deeper nets learn in 2 epochs
 # with Adam, at its usual 1e-3, and 1e-2 for the small GoogLeNet (on 10,000 images, one
@@ -55,6 +55,7 @@ class RunConfig:
     delta: float = LAYER.delta
     mode: str = "theory"
     estimator: str = LAYER.estimator
+    shots: int | None = LAYER.shots  # of the shots estimator; None: ⌈1/(4ε²)⌉
     sampling: str = LAYER.sampling
     backprop: str = LAYER.backprop
     norms: str | None = None  # None: the mode's ("exact" in theory, "authors" in authors)
@@ -121,6 +122,7 @@ class RunConfig:
             cap=self.cap,
             sigma=self.sigma,
             estimator=self.estimator,
+            shots=self.shots,
             sampling=self.sampling,
             norms=self.norms or ("authors" if authors else "exact"),
             cap_order=self.cap_order or ("authors" if authors else "theory"),

@@ -84,3 +84,25 @@ def test_bench_writes_every_figure_with_its_spread(tmp_path):
     row = next(row for row in record["rows"] if row["variant"] == "qcnn-theory")
     assert row["ms_min"] <= row["ms_median"] <= row["ms_max"] and row["ratio_min"] <= row["ratio_max"]
 
+
+
+def test_help_shows_the_defaults_and_compare_takes_shots(tmp_path, mnist_raw_dir, capsys):
+    for command in (["compare"], ["sweep"], ["evaluate"], ["validate", "layer"], ["bench"], ["finetune"]):
+        with pytest.raises(SystemExit):
+            cli.main([*command, "--help"])
+        assert "(default: " in capsys.readouterr().out, command
+    with pytest.raises(SystemExit):
+        cli.main(["compare", "--help"])
+    assert "inner-product error ε (default: 0.01)" in " ".join(capsys.readouterr().out.split())
+    cli.main(["compare", "--model", "qcnn", "--estimator", "shots", "--epsilon", "0", "--shots", "100", *TINY,
+              "--out", str(tmp_path)])  # fmt: skip
+    (run,) = tmp_path.glob("qcnn-*")
+    assert json.loads((run / "metrics.json").read_text())["config"]["shots"] == 100
+
+
+def test_a_run_that_ends_near_chance_says_why(tmp_path, mnist_raw_dir, capsys):
+    cli.main(["compare", "--model", "cnn", "--train-limit", "64", "--test-limit", "100", "--epochs", "1",
+              "--no-progress", "--out", str(tmp_path)])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "near chance (10 %): 1 step(s) of batch 64 at lr 0.01 (sgd) are too few" in printed
+    assert "--train-limit 2000 --epochs 5 --lr 0.05 --momentum 0.5 learns" in printed
