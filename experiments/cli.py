@@ -143,6 +143,13 @@ def add_run_options(parser: argparse.ArgumentParser, grid: bool = False) -> None
     group.add_argument("--device", default="auto", help="auto, cpu or cuda")
     group.add_argument("--data-dir", default=None, help="folder with the MNIST IDX files")
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
+    group.add_argument("--tensorboard", action="store_true",
+                       help="also write TensorBoard events into each run folder (the tensorboard extra)")
+
+
+def check_tensorboard(args: argparse.Namespace) -> None:
+    if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise CommandError("--tensorboard needs the tensorboard package: pip install -e '.[tensorboard]'")
 
 
 def add_layer_mapping(group: argparse._ArgumentGroup) -> None:
@@ -184,6 +191,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
     base = run_config(args, seed=args.seed, model="qcnn")  # each run sets its model
     check_count("--seeds", args.seeds)
+    check_tensorboard(args)
     out = writable_folder(args.out)
     device = resolve_device(args.device)
     models = ["cnn", "qcnn"] if args.model == "both" else [args.model]
@@ -194,7 +202,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
     seeds = list(range(args.seed, args.seed + args.seeds))
     print(f"compare: {', '.join(models)} on {device}, seeds {seeds}, results in {out}")
     started = time.perf_counter()
-    rows = run_compare(base, seeds, models, data, out, device, not args.no_progress, args.calibrate_images)
+    rows = run_compare(base, seeds, models, data, out, device, not args.no_progress, args.calibrate_images,
+                       args.tensorboard)  # fmt: skip
     print()
     print(format_table(rows))
     print(f"\nwall time {time.perf_counter() - started:.1f} s; "
@@ -296,6 +305,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     from experiments.data import load_mnist
     from experiments.train import source_run, train_run
 
+    check_tensorboard(args)
     device = resolve_device(args.device)
     state = source_run(Path(args.run), device)
     source = Path(args.run).resolve()  # the run's configuration names its source wherever it runs
@@ -309,7 +319,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     data = load_mnist(args.data_dir, device)
     check_data(config, data)
     print(f"finetune: {source.name} as a QCNN on {device}, {config.epochs} epoch(s), results in {out}")
-    metrics = train_run(config, data, out / run_id(config), device, not args.no_progress)
+    metrics = train_run(config, data, out / run_id(config), device, not args.no_progress, args.tensorboard)
     print()
     print(format_start(state["metrics"], metrics))
     report_diverged([{"model": "qcnn", "seed": config.seed}] if "diverged" in metrics else [])
@@ -375,11 +385,13 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
     configs = sweep_configs(args)
     check_count("--workers", args.workers)
+    check_tensorboard(args)
     if args.launcher == "ray" and importlib.util.find_spec("ray") is None:
         raise CommandError("--launcher ray needs Ray, which is not installed: pip install -e '.[ray]'")
     out = writable_folder(args.out)
     device = str(resolve_device(args.device))
-    run_sweep(configs, out, device, args.data_dir, args.workers, args.launcher, args.ray_address)
+    run_sweep(configs, out, device, args.data_dir, args.workers, args.launcher, args.ray_address,
+              args.tensorboard)  # fmt: skip
     summary = write_reports(out)
     print()
     print(summary_markdown(summary))

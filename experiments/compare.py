@@ -59,10 +59,11 @@ def run_compare(
     device: torch.device,
     progress: bool = True,
     calibrate_images: int = 0,
+    tensorboard: bool = False,
 ) -> list[dict]:
-    """Train every (model, seed); return and write one summary row per result (with a
-    calibrated "CNN train / QCNN test" row where ``calibrate_images`` and BatchNorms ask for
-    one)."""
+    """Train every (model, seed), with TensorBoard events if ``tensorboard``; return and
+    write one summary row per result (with a calibrated "CNN train / QCNN test" row where
+    ``calibrate_images`` and BatchNorms ask for one)."""
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     curves: dict[str, list[list[dict]]] = {}
@@ -70,7 +71,7 @@ def run_compare(
         for model in models:
             config = replace(base, model=model, seed=seed)
             run_dir = out / run_id(config)
-            metrics = train_run(config, data, run_dir, device, progress)
+            metrics = train_run(config, data, run_dir, device, progress, tensorboard)
             if curve := read_curve(run_dir):  # None: unreadable, left out of the figure
                 curves.setdefault(LABELS[model], []).append(curve)
             diverged = "diverged" in metrics

@@ -191,3 +191,41 @@ def read_checkpoint(path: Path, device: torch.device) -> dict:
 
 def save_checkpoint(folder: Path, state: dict) -> None:
     atomic_save(state, folder / CHECKPOINT)
+
+
+class EventLog:
+    """TensorBoard event files in ``folder/tensorboard``: the training loss against images
+    seen, the test accuracy and loss per epoch, and at the end the run's hyper-parameters
+    with its final metrics, for TensorBoard's HParams view across a sweep's runs
+    (``tensorboard --logdir STORE``). Needs the ``tensorboard`` package (the extra of that
+    name); a resumed run appends new event files."""
+
+    def __init__(self, folder: Path) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as error:
+            message = "--tensorboard needs the tensorboard package: pip install -e '.[tensorboard]'"
+            raise ImportError(message) from error
+        self.writer = SummaryWriter(str(folder / "tensorboard"))
+
+    def train_loss(self, images_seen: int, loss: float) -> None:
+        self.writer.add_scalar("train/loss", loss, images_seen)
+
+    def epoch(self, epoch: int, result: dict) -> None:
+        self.writer.add_scalar("test/accuracy", result["test_accuracy"], epoch)
+        self.writer.add_scalar("test/loss", result["test_loss"], epoch)
+        self.writer.flush()
+
+    def close(self, config: dict, metrics: dict | None) -> None:
+        """With the final ``metrics`` of a finished run (None: not finished yet), the
+        hyper-parameters (every configuration field, lists as JSON) and those metrics (NaN
+        for a diverged run)."""
+        if metrics is None:
+            self.writer.close()
+            return
+        hparams = {key: value if isinstance(value, int | float | str | bool) else json.dumps(value)
+                   for key, value in config.items()}  # fmt: skip
+        final = {f"hparam/{key}": metrics.get(key) if metrics.get(key) is not None else math.nan
+                 for key in ("test_accuracy", "test_loss")}  # fmt: skip
+        self.writer.add_hparams(hparams, final, run_name=".")
+        self.writer.close()

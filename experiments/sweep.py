@@ -86,7 +86,9 @@ def _claim_device(devices) -> None:
     _worker_device = devices.get()
 
 
-def execute(config_dict: dict, run_dir: str, device: str, data_dir: str | None, threads: int) -> dict:
+def execute(
+    config_dict: dict, run_dir: str, device: str, data_dir: str | None, threads: int, tensorboard: bool
+) -> dict:
     """One run, in whatever process it lands (this one, a pool worker or a Ray task)."""
     from experiments.data import load_mnist
     from experiments.train import train_run
@@ -97,7 +99,7 @@ def execute(config_dict: dict, run_dir: str, device: str, data_dir: str | None, 
     data = load_mnist(data_dir, device)
     started = time.perf_counter()
     try:
-        metrics = train_run(config, data, Path(run_dir), torch.device(device), progress=False)
+        metrics = train_run(config, data, Path(run_dir), torch.device(device), False, tensorboard)
     except RunLocked:  # another sweep on the same store has it: leave it to that one
         return {"run": Path(run_dir).name, "locked": True, "seconds": time.perf_counter() - started}
     return {"run": Path(run_dir).name, "locked": False, "accuracy": metrics["test_accuracy"],
@@ -112,8 +114,10 @@ def run_sweep(
     workers: int = 1,
     launcher: str = "local",
     ray_address: str | None = None,
+    tensorboard: bool = False,
 ) -> list[str]:
-    """Run the configs not finished yet; return the ids of the runs executed now."""
+    """Run the configs not finished yet (with TensorBoard events if ``tensorboard``); return
+    the ids of the runs executed now."""
     store = out / "runs"
     store.mkdir(parents=True, exist_ok=True)
     unique = {run_id(c): c for c in configs}  # a value repeated in the grid is one run
@@ -121,7 +125,7 @@ def run_sweep(
     print(f"sweep: {len(unique)} runs, {len(unique) - len(pending)} already finished, "
           f"{len(pending)} to run with {workers} worker(s) via {launcher}")  # fmt: skip
     threads = max(1, torch.get_num_threads() // max(1, workers))
-    jobs = [(c.as_dict(), str(store / i), device, data_dir, threads) for c, i in pending]
+    jobs = [(c.as_dict(), str(store / i), device, data_dir, threads, tensorboard) for c, i in pending]
     started = time.perf_counter()
     done = []
 

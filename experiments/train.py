@@ -36,16 +36,21 @@ def train_run(
     out_dir: Path,
     device: torch.device,
     progress: bool = True,
+    tensorboard: bool = False,
 ) -> dict:
-    """Train and evaluate one run in ``out_dir``; resumable; returns its metrics.
+    """Train and evaluate one run in ``out_dir``; resumable; returns its metrics. With
+    ``tensorboard``, the epochs it trains are also logged as TensorBoard events
+    (:class:`experiments.runfolder.EventLog`).
 
     Raises :class:`experiments.files.RunLocked` if another process is training there.
     """
     with run_lock(out_dir):
-        return _train(config, data, out_dir, device, progress)
+        return _train(config, data, out_dir, device, progress, tensorboard)
 
 
-def _train(config: RunConfig, data: Mnist, out_dir: Path, device: torch.device, progress: bool) -> dict:
+def _train(
+    config: RunConfig, data: Mnist, out_dir: Path, device: torch.device, progress: bool, tensorboard: bool
+) -> dict:
     if (finished := runfolder.read_finished(out_dir, config)) is not None:
         return finished
     train_x, train_y = data.train_images[: config.train_limit], data.train_labels[: config.train_limit]
@@ -77,42 +82,52 @@ def _train(config: RunConfig, data: Mnist, out_dir: Path, device: torch.device, 
         return metrics
     # One entry per session that trained it (a resumed run may change machine or threads).
     metrics.setdefault("provenance", []).append(runfolder.provenance(device))
-    with open(out_dir / runfolder.CURVE, "w", newline="") as handle:
-        writer = runfolder.CurveWriter(handle, curve)
-        for epoch in range(start_epoch, config.epochs):
+    events = runfolder.EventLog(out_dir) if tensorboard else None
+    try:
+        with open(out_dir / runfolder.CURVE, "w", newline="") as handle:
+            writer = runfolder.CurveWriter(handle, curve)
+            for epoch in range(start_epoch, config.epochs):
 
-            def log_point(index: int, size: int, loss: float, epoch: int = epoch) -> None:
-                seen = epoch * len(train_x) + index * config.batch_size + size
-                writer.add({"epoch": epoch, "batch": index, "images_seen": seen, "loss": loss})
+                def log_point(index: int, size: int, loss: float, epoch: int = epoch) -> None:
+                    seen = epoch * len(train_x) + index * config.batch_size + size
+                    writer.add({"epoch": epoch, "batch": index, "images_seen": seen, "loss": loss})
+                    if events is not None:
+                        events.train_loss(seen, loss)
 
-            started = time.perf_counter()
-            try:
-                train_epoch(
-                    model, optimiser, train_x, train_y, config.batch_size, generator=order,
-                    log_every=config.log_every, on_log=log_point, progress=progress,
-                    desc=f"{config.model} epoch {epoch + 1}/{config.epochs}",
+                started = time.perf_counter()
+                try:
+                    train_epoch(
+                        model, optimiser, train_x, train_y, config.batch_size, generator=order,
+                        log_every=config.log_every, on_log=log_point, progress=progress,
+                        desc=f"{config.model} epoch {epoch + 1}/{config.epochs}",
+                    )  # fmt: skip
+                    train_seconds = time.perf_counter() - started
+                    result = tested(model, (test_x, test_y), config.test_batch_size, epoch + 1)
+                except Diverged as error:
+                    before = sum(e["train_seconds"] for e in metrics["epochs"])
+                    seconds = before + time.perf_counter() - started
+                    last = curve[-1]["loss"] if curve else None
+                    where = {"epoch": epoch + 1, "reason": str(error), "last_finite_loss": last}
+                    metrics.update(finished=True, test_accuracy=None, test_loss=None, train_seconds=seconds,
+                                   diverged=where)  # fmt: skip
+                    runfolder.write_metrics(out_dir, metrics)
+                    return metrics
+                metrics["epochs"].append({"epoch": epoch + 1, "train_seconds": train_seconds, **result})
+                metrics.update(result)
+                if events is not None:
+                    events.epoch(epoch + 1, result)
+                metrics["train_seconds"] = sum(e["train_seconds"] for e in metrics["epochs"])
+                metrics["finished"] = epoch + 1 == config.epochs
+                runfolder.save_checkpoint(
+                    out_dir,
+                    {"config": config.as_dict(), "model": model.state_dict(),
+                     "optimiser": optimiser.state_dict(), "noise": noise.get_state(),
+                     "order": order.get_state(), "metrics": metrics, "curve": curve, "epoch": epoch + 1},
                 )  # fmt: skip
-                train_seconds = time.perf_counter() - started
-                result = tested(model, (test_x, test_y), config.test_batch_size, epoch + 1)
-            except Diverged as error:
-                seconds = sum(e["train_seconds"] for e in metrics["epochs"]) + time.perf_counter() - started
-                last = curve[-1]["loss"] if curve else None
-                where = {"epoch": epoch + 1, "reason": str(error), "last_finite_loss": last}
-                metrics.update(finished=True, test_accuracy=None, test_loss=None, train_seconds=seconds,
-                               diverged=where)  # fmt: skip
                 runfolder.write_metrics(out_dir, metrics)
-                return metrics
-            metrics["epochs"].append({"epoch": epoch + 1, "train_seconds": train_seconds, **result})
-            metrics.update(result)
-            metrics["train_seconds"] = sum(e["train_seconds"] for e in metrics["epochs"])
-            metrics["finished"] = epoch + 1 == config.epochs
-            runfolder.save_checkpoint(
-                out_dir,
-                {"config": config.as_dict(), "model": model.state_dict(),
-                 "optimiser": optimiser.state_dict(), "noise": noise.get_state(),
-                 "order": order.get_state(), "metrics": metrics, "curve": curve, "epoch": epoch + 1},
-            )  # fmt: skip
-            runfolder.write_metrics(out_dir, metrics)
+    finally:
+        if events is not None:  # the hyper-parameters once the run has its final metrics
+            events.close(config.as_dict(), metrics if metrics["finished"] else None)
     return metrics
 
 

@@ -106,3 +106,24 @@ def test_a_run_that_ends_near_chance_says_why(tmp_path, mnist_raw_dir, capsys):
     printed = capsys.readouterr().out
     assert "near chance (10 %): 1 step(s) of batch 64 at lr 0.01 (sgd) are too few" in printed
     assert "--train-limit 2000 --epochs 5 --lr 0.05 --momentum 0.5 learns" in printed
+
+
+def test_a_run_writes_tensorboard_events_that_read_back(tmp_path, mnist_raw_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cli.main(["sweep", "--sigma", "0.5", "--no-cnn", "--tensorboard", *TINY, "--out", str(tmp_path)])
+    (run,) = tmp_path.glob("runs/qcnn-*")
+    metrics = json.loads((run / "metrics.json").read_text())
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    (accuracy,) = events.Scalars("test/accuracy")
+    assert (accuracy.step, accuracy.value) == (1, pytest.approx(metrics["test_accuracy"]))
+    curve = read_curve(run)
+    losses = events.Scalars("train/loss")
+    assert [(point.step, point.value) for point in losses] == [
+        (point["images_seen"], pytest.approx(point["loss"])) for point in curve
+    ]
+    sessions = events.PluginTagToContent("hparams")  # TensorBoard's HParams view reads these
+    assert {f"_hparams_/{tag}" for tag in ("experiment", "session_start_info", "session_end_info")} <= set(sessions)
+    (final,) = events.Scalars("hparam/test_accuracy")
+    assert final.value == pytest.approx(metrics["test_accuracy"])
