@@ -124,6 +124,7 @@ def test_a_run_writes_tensorboard_events_that_read_back(tmp_path, mnist_raw_dir)
         (point["images_seen"], pytest.approx(point["loss"])) for point in curve
     ]
     sessions = events.PluginTagToContent("hparams")  # TensorBoard's HParams view reads these
-    assert {f"_hparams_/{tag}" for tag in ("experiment", "session_start_info", "session_end_info")} <= set(sessions)
+    tags = ("experiment", "session_start_info", "session_end_info")
+    assert {f"_hparams_/{tag}" for tag in tags} <= set(sessions)
     (final,) = events.Scalars("hparam/test_accuracy")
     assert final.value == pytest.approx(metrics["test_accuracy"])
