@@ -4,6 +4,7 @@ run lock, so two processes never train the same run folder at once."""
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -26,6 +27,9 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
             write(handle)
         os.chmod(handle.name, 0o644)
         os.replace(handle.name, path)
+    except OSError as error:  # a full disk, a file-size limit: one line naming the file
+        Path(handle.name).unlink(missing_ok=True)
+        raise OSError(f"cannot write {path}: {error.strerror or error}") from None
     except BaseException:
         Path(handle.name).unlink(missing_ok=True)
         raise
@@ -40,8 +44,12 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_save(obj, path: Path) -> None:
-    """``torch.save`` of ``obj`` to ``path``, atomically."""
-    atomic_write(path, lambda handle: torch.save(obj, handle))
+    """``torch.save`` of ``obj`` to ``path``, atomically. It is serialised in memory first, so
+    that a failed write is the system's OSError (e.g. "File too large"), not torch's
+    RuntimeError from its zip writer."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 class RunLocked(RuntimeError):

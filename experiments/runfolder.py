@@ -163,8 +163,11 @@ class CurveWriter:
 
     def add(self, point: dict) -> None:
         self.points.append(point)
-        self.writer.writerow(point)
-        self.handle.flush()
+        try:
+            self.writer.writerow(point)
+            self.handle.flush()
+        except OSError as error:  # a full disk, a file-size limit: one line naming the file
+            raise OSError(f"cannot write {self.handle.name}: {error.strerror or error}") from None
 
 
 def checkpoint_file(path: Path) -> Path:

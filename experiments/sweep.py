@@ -16,11 +16,12 @@ import csv
 import itertools
 import json
 import math
+import os
 import statistics
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterable
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import fields, replace
 from multiprocessing import get_context
 from pathlib import Path
@@ -69,7 +70,7 @@ def expand_grid(
     return configs
 
 
-_worker_device: str | None = None  # set in each process-pool worker by _claim_device
+_worker_device: str | None = None  # set in each process-pool worker by _start_worker
 
 
 def worker_devices(device: str, workers: int) -> list[str]:
@@ -80,10 +81,23 @@ def worker_devices(device: str, workers: int) -> list[str]:
     return [f"cuda:{index % gpus}" for index in range(workers)]
 
 
-def _claim_device(devices) -> None:
-    """Process-pool initializer: this worker trains on the next device in the queue."""
+def _start_worker(devices) -> None:
+    """Process-pool initializer: this worker trains on the next device in the queue, and
+    ends as soon as the sweep that started it is gone (killed, even by SIGKILL), rather
+    than train on as an orphan."""
     global _worker_device
     _worker_device = devices.get()
+    threading.Thread(target=_end_with, args=(os.getppid(),), daemon=True).start()
+
+
+def _end_with(parent: int) -> None:
+    while os.getppid() == parent:  # an orphan is adopted by another process
+        time.sleep(0.2)
+    os._exit(1)
+
+
+def _execute_job(job: tuple) -> dict:
+    return execute(*job)
 
 
 def execute(
@@ -155,9 +169,11 @@ def run_sweep(
         devices = context.Queue()
         for name in worker_devices(device, workers):
             devices.put(name)
-        with ProcessPoolExecutor(workers, context, _claim_device, (devices,)) as pool:
-            for future in as_completed([pool.submit(execute, *job) for job in jobs]):
-                report(future.result())
+        # Leaving the block, by the end or by Ctrl-C, terminates the workers at once: an
+        # interrupted sweep starts no further run, and a resumed one redoes the runs cut off.
+        with context.Pool(workers, _start_worker, (devices,)) as pool:
+            for result in pool.imap_unordered(_execute_job, jobs):
+                report(result)
     else:
         for job in jobs:
             report(execute(*job))
