@@ -39,7 +39,7 @@ def cnn_through_qcnn(
     is set, once more after calibrating them on that many training images
     ("cnn-qcnn-calibrated")."""
     generator = torch.Generator(device).manual_seed(config.seed)
-    _, cnn = load_checkpoint(run_dir, device, generator)
+    _, cnn, _ = load_checkpoint(run_dir, device, generator)
     quantum = convert(cnn, config.layer_options, layers=config.layer_map, generator=generator)
     images, labels = data.test_images[: config.test_limit], data.test_labels[: config.test_limit]
     results = {"cnn-qcnn-test": evaluate(quantum, images, labels, config.test_batch_size)}

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from experiments.config import RunConfig
 from experiments.data import Mnist
 from experiments.models import build_model
-from experiments.plots import plot_accuracy, plot_per_layer
+from experiments.plots import Baseline, Panel, plot_accuracy, plot_per_layer
 from experiments.runfolder import read_checkpoint, read_metrics
 from qcnn import calibrate, configure, convert, diagnose
 from qcnn.training import batches, evaluate
@@ -34,9 +34,10 @@ FIELDS = ("epsilon", "sigma", "cap", "repeat", "test_accuracy", "test_loss")
 
 def load_checkpoint(
     path: Path, device: torch.device, generator: torch.Generator
-) -> tuple[RunConfig, torch.nn.Module]:
-    """The run configuration and trained network of a run folder or its ``checkpoint.pt``;
-    ValueError for a run that has not finished (or diverged): its numbers would be no result."""
+) -> tuple[RunConfig, torch.nn.Module, dict]:
+    """The run configuration, trained network and metrics of a run folder or its
+    ``checkpoint.pt``; ValueError for a run that has not finished (or diverged): its numbers
+    would be no result."""
     state = read_checkpoint(path, device)
     config = RunConfig.from_dict(state["config"])
     if not state["metrics"].get("finished"):
@@ -49,7 +50,7 @@ def load_checkpoint(
         raise ValueError(f"{path} is not a finished run: {why}")
     model = build_model(config, device, generator)
     model.load_state_dict(state["model"])
-    return config, model
+    return config, model, state["metrics"]
 
 
 def run_evaluate(
@@ -78,7 +79,7 @@ def run_evaluate(
     ``per_layer.csv`` and ``per_layer.png``.
     """
     generator = torch.Generator(device).manual_seed(seed)
-    config, model = load_checkpoint(checkpoint, device, generator)
+    config, model, trained = load_checkpoint(checkpoint, device, generator)
     if config.model == "cnn":
         model = convert(model, config.layer_options, layers=layers or config.layer_map, generator=generator)
     elif layers:
@@ -114,11 +115,15 @@ def run_evaluate(
         writer = csv.DictWriter(handle, FIELDS)
         writer.writeheader()
         writer.writerows(rows)
-    series: dict[str, list[tuple[float, float, float]]] = {}
-    for (epsilon, sigma, cap), mean, std, _ in summarise(rows):
-        label = f"σ={sigma}" + (f", C={cap:g}" if len(caps) > 1 else "")
-        series.setdefault(label, []).append((epsilon, mean, std))
-    plot_accuracy(series, out / "accuracy_vs_epsilon.png", xlabel="inner-product error ε")
+    as_trained = Baseline(
+        f"the {config.model.upper()} as trained (its run's test)", trained["test_accuracy"]
+    )
+    panel = Panel({}, [as_trained])
+    for (epsilon, sigma, cap), mean, std, passes in summarise(rows):
+        label = "no sampling" if sigma is None else f"σ={sigma:g}"
+        label += f", C={cap:g}" if len(caps) > 1 else ""
+        panel.series.setdefault(label, []).append((epsilon, mean, std, passes))
+    plot_accuracy(panel, out / "accuracy_vs_epsilon.png", xlabel="inner-product error ε", unit="passes")
     return rows
 
 

@@ -30,7 +30,7 @@ import torch
 
 from experiments.config import OMITTED_AT, QCNN_FIELDS, RunConfig, run_id
 from experiments.files import RunLocked
-from experiments.plots import plot_accuracy, plot_accuracy_panels, plot_curves
+from experiments.plots import Baseline, Panel, plot_accuracy, plot_accuracy_panels, plot_curves
 from experiments.runfolder import read_curve, read_finished, read_metrics
 from qcnn.training import finite_mean
 
@@ -222,9 +222,11 @@ def configuration(row: dict) -> tuple:
 
 def varying(rows: list[dict]) -> tuple[str, ...]:
     """The fields besides the summary's columns and the mode whose values differ between
-    ``rows``: the ones a label must name to tell configurations apart."""
+    ``rows`` (between QCNN rows, for a field only a QCNN has): the ones a label must name to
+    tell configurations apart."""
     def values(name: str) -> set:
-        return {str(row.get(name, OMITTED_AT.get(name))) for row in rows}
+        having = [row for row in rows if row["model"] == "qcnn"] if name in QCNN_FIELDS else rows
+        return {str(row.get(name, OMITTED_AT.get(name))) for row in having}
 
     return tuple(name for name in GROUPED if name not in (*TABLE, "mode") and len(values(name)) > 1)
 
@@ -255,15 +257,27 @@ def summarise(rows: list[dict]) -> list[dict]:
     return summary
 
 
-def sigma_series(summary: list[dict], labelled: tuple[str, ...]) -> dict[str, list]:
-    """(σ, mean, std) points per QCNN configuration but σ, labelled by ε, C, δ and ``labelled``."""
-    series: dict[str, list] = defaultdict(list)
+def sigma_panel(summary: list[dict], labelled: tuple[str, ...]) -> Panel:
+    """Accuracy against σ: (σ, mean, std, seeds) points per QCNN configuration but σ,
+    labelled by ε, C, δ and ``labelled``; "no sampling" (σ = None) configurations as flat
+    lines; the CNN configurations as baselines. Seeds that diverged are not counted."""
+    panel = Panel(defaultdict(list))
     for entry in summary:
-        if entry["model"] == "qcnn" and entry["sigma"] is not None:
-            kind = variant(entry, labelled)
-            label = f"ε={entry['epsilon']:g}, C={entry['cap']:g}, δ={entry['delta']:g} ({kind})"
-            series[label].append((entry["sigma"], entry["accuracy_mean"], entry["accuracy_std"]))
-    return series
+        trained = entry["seeds"] - entry["diverged"]
+        if not trained:
+            continue
+        point = (entry["accuracy_mean"], entry["accuracy_std"], trained)
+        if entry["model"] == "cnn":
+            kind = ", ".join(f"{name}={entry[name]}" for name in labelled if name not in QCNN_FIELDS)
+            panel.baselines.append(Baseline(f"CNN ({kind})" if kind else "CNN", *point))
+            continue
+        options = f"ε={entry['epsilon']:g}, C={entry['cap']:g}, δ={entry['delta']:g}"
+        label = f"{options} ({variant(entry, labelled)})"
+        if entry["sigma"] is None:
+            panel.unsampled[label] = point
+        else:
+            panel.series[label].append((entry["sigma"], *point))
+    return panel
 
 
 def plot_stores(stores: list[Path], path: Path) -> None:
@@ -274,7 +288,7 @@ def plot_stores(stores: list[Path], path: Path) -> None:
         if not rows:
             raise ValueError(f"{store}: no finished runs in this sweep store")
         nets = sorted({row.get("net", "authors") for row in rows})
-        panels[f"{', '.join(nets)} net ({len(rows)} runs)"] = sigma_series(summarise(rows), varying(rows))
+        panels[f"{', '.join(nets)} net ({len(rows)} runs)"] = sigma_panel(summarise(rows), varying(rows))
     plot_accuracy_panels(panels, path)
 
 
@@ -288,8 +302,8 @@ def write_reports(out: Path) -> list[dict]:
     labelled = varying(rows)
     write_csv(out / "summary.csv", summary)
     (out / "summary.md").write_text(summary_markdown(summary))
-    if series := sigma_series(summary, labelled):
-        plot_accuracy(series, out / "accuracy_vs_sigma.png")
+    if (panel := sigma_panel(summary, labelled)).series:
+        plot_accuracy(panel, out / "accuracy_vs_sigma.png")
     curves_of = {row["run"]: read_curve(out / "runs" / row["run"]) for row in rows}  # None: left out
     cnn_runs = [curves_of[r["run"]] for r in rows if r["model"] == "cnn" and curves_of[r["run"]]]
     figures: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))

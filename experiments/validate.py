@@ -194,7 +194,7 @@ def network_to_validate(
                            test_limit=len(data.test_images))  # fmt: skip
         checkpoint = out / run_id(config)
         train_run(config, data, checkpoint, torch.device("cpu"), progress=False)
-    config, model = load_checkpoint(checkpoint, torch.device("cpu"), torch.Generator().manual_seed(seed))
+    config, model, _ = load_checkpoint(checkpoint, torch.device("cpu"), torch.Generator().manual_seed(seed))
     if config.model == "cnn":
         model = convert(model)
     configure(model, **options)

@@ -128,3 +128,21 @@ def test_a_run_writes_tensorboard_events_that_read_back(tmp_path, mnist_raw_dir)
     assert {f"_hparams_/{tag}" for tag in tags} <= set(sessions)
     (final,) = events.Scalars("hparam/test_accuracy")
     assert final.value == pytest.approx(metrics["test_accuracy"])
+
+
+def test_the_sigma_figure_draws_the_cnn_and_counts_the_seeds_that_trained():
+    from experiments.sweep import sigma_panel
+
+    def entry(model: str, sigma, mean: float, seeds: int = 3, diverged: int = 0) -> dict:
+        options = {"epsilon": 0.01, "cap": 10.0, "delta": 0.01, "mode": "theory"}
+        return {"model": model, "sigma": sigma, **options, "accuracy_mean": mean, "accuracy_std": 0.01,
+                "seeds": seeds, "diverged": diverged}  # fmt: skip
+
+    cnn = {**entry("cnn", None, 0.95), **{key: None for key in ("epsilon", "cap", "delta", "mode")}}
+    panel = sigma_panel([cnn, entry("qcnn", 0.2, 0.9, diverged=1), entry("qcnn", 0.5, 0.93),
+                         entry("qcnn", None, 0.94)], ())  # fmt: skip
+    (baseline,) = panel.baselines
+    assert (baseline.label, baseline.mean, baseline.count) == ("CNN", 0.95, 3)
+    (points,) = panel.series.values()
+    assert points == [(0.2, 0.9, 0.01, 2), (0.5, 0.93, 0.01, 3)]  # the diverged seed is not counted
+    assert list(panel.unsampled.values()) == [(0.94, 0.01, 3)]  # "no sampling": a line, not σ = None
