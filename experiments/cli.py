@@ -100,10 +100,11 @@ def optional_float(text: str) -> float | None:
     return None if text.lower() == "none" else float(text)
 
 
-def add_run_options(parser: argparse.ArgumentParser, grid: bool = False) -> None:
+def add_run_options(parser: argparse.ArgumentParser, grid: bool = False, nets: bool = False) -> None:
     """The options of one training run, defaults from RunConfig (the paper's).
 
-    With ``grid``, --epsilon, --cap, --sigma and --delta take several values (sweep axes).
+    With ``grid``, --epsilon, --cap, --sigma and --delta take several values (sweep axes);
+    with ``nets``, --net takes several networks.
     """
     d = DEFAULTS
 
@@ -111,7 +112,10 @@ def add_run_options(parser: argparse.ArgumentParser, grid: bool = False) -> None
         return {"nargs": "+", "default": [default]} if grid else {"default": default}
 
     group = parser.add_argument_group("training (defaults: the paper's)")
-    group.add_argument("--net", choices=tuple(NETWORKS), default=d.net, help="network")
+    if nets:
+        group.add_argument("--net", choices=tuple(NETWORKS), nargs="+", default=[d.net], help="networks")
+    else:
+        group.add_argument("--net", choices=tuple(NETWORKS), default=d.net, help="network")
     group.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training images")
     group.add_argument("--train-limit", type=int, default=None, help="first N training images")
     group.add_argument("--test-limit", type=int, default=None, help="first N test images")
@@ -189,7 +193,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
     from experiments.compare import format_table, run_compare
     from experiments.data import load_mnist
 
-    base = run_config(args, seed=args.seed, model="qcnn")  # each run sets its model
+    nets = list(dict.fromkeys(args.net))
+    bases = [run_config(args, net=net, seed=args.seed, model="qcnn") for net in nets]  # each run: its model
     check_count("--seeds", args.seeds)
     check_tensorboard(args)
     out = writable_folder(args.out)
@@ -198,16 +203,21 @@ def cmd_compare(args: argparse.Namespace) -> None:
     if args.calibrate_images < 0:
         raise CommandError(f"--calibrate must be >= 0 (0: no calibrated row), got {args.calibrate_images}")
     data = load_mnist(args.data_dir, device)
-    check_data(base, data)
+    for base in bases:
+        check_data(base, data)
     seeds = list(range(args.seed, args.seed + args.seeds))
     print(f"compare: {', '.join(models)} on {device}, seeds {seeds}, results in {out}")
-    started = time.perf_counter()
-    rows = run_compare(base, seeds, models, data, out, device, not args.no_progress, args.calibrate_images,
-                       args.tensorboard)  # fmt: skip
+    started, rows = time.perf_counter(), []
+    for base in bases:  # several nets: one folder each (its summary.csv, curves.png), one table
+        folder = out / base.net if len(bases) > 1 else out
+        results = run_compare(base, seeds, models, data, folder, device, not args.no_progress,
+                              args.calibrate_images, args.tensorboard)  # fmt: skip
+        rows += [{**row, "net": base.net} for row in results]
     print()
     print(format_table(rows))
-    print(f"\nwall time {time.perf_counter() - started:.1f} s; "
-          f"summary.csv, curves.png and one folder per run in {out}")  # fmt: skip
+    written = "summary.csv, curves.png and one folder per run"
+    written = f"a folder per net with {written}" if len(bases) > 1 else written
+    print(f"\nwall time {time.perf_counter() - started:.1f} s; {written} in {out}")
     report_diverged([row for row in rows if row.get("diverged")])
 
 
@@ -401,12 +411,12 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
 
 def cmd_plot_sweeps(args: argparse.Namespace) -> None:
-    from experiments.sweep import plot_stores
+    from experiments.sweep import plot_stores, run_folders
 
     stores = [Path(store) for store in args.stores]
     for store in stores:
-        if not (store / "runs").is_dir():
-            raise CommandError(f"{store}: not a sweep store (no runs/ folder in it)")
+        if not (store.is_dir() and any(run_folders(store).glob("*/metrics.json"))):
+            raise CommandError(f"{store}: not a sweep store or a compare folder (no run in it)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     plot_stores(stores, Path(args.out))
     print(f"accuracy against σ for {len(stores)} store(s) in {args.out}")
@@ -433,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--calibrate", dest="calibrate_images", type=int, default=2560, metavar="N",
                          help="the CNN through the QCNN once more after calibrating its quantum layers' "
                               "BatchNorms on N training images (0: not)")  # fmt: skip
-    add_run_options(compare)
+    add_run_options(compare, nets=True)
     compare.set_defaults(func=cmd_compare)
 
     bench = sub.add_parser("bench", parents=[verbosity],
@@ -496,8 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=cmd_evaluate)
 
     plot = sub.add_parser("plot-sweeps", parents=[verbosity],
-                          help="accuracy against σ of several sweep stores, side by side")  # fmt: skip
-    plot.add_argument("stores", nargs="+", help="sweep --out folders, one panel each")
+                          help="accuracy against σ of sweep or compare folders, side by side")  # fmt: skip
+    plot.add_argument("stores", nargs="+", help="sweep or compare --out folders, one panel each")
     plot.add_argument("--out", default="runs/accuracy_vs_sigma.png", help="the figure (PNG)")
     plot.set_defaults(func=cmd_plot_sweeps)
 

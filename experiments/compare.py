@@ -120,12 +120,16 @@ def near_chance(config: RunConfig, accuracy: float, available: int) -> str | Non
 
 
 def format_table(rows: list[dict]) -> str:
-    """Mean ± std over seeds per model: test accuracy, test loss, training time."""
-    width = max(22, *(len(LABELS[row["model"]]) for row in rows))
+    """Mean ± std over seeds per model (per net and model, with rows of several nets): test
+    accuracy, test loss, training time."""
+    nets = list(dict.fromkeys(row.get("net") for row in rows))
+    kinds = [(net, model, f"{net}: {label}" if len(nets) > 1 else label)
+             for net in nets for model, label in LABELS.items()]  # fmt: skip
+    width = max(22, *(len(label) for net, model, label in kinds if any(r["model"] == model for r in rows)))
     lines = [f"{'model':<{width}} {'seeds':>5} {'test accuracy %':>18} {'test loss':>10} {'train s':>8}"]
-    for model, label in LABELS.items():
-        group = [r for r in rows if r["model"] == model and not r["diverged"]]
-        diverged = sum(r["model"] == model and r["diverged"] for r in rows)
+    for net, model, label in kinds:
+        group = [r for r in rows if r.get("net") == net and r["model"] == model and not r["diverged"]]
+        diverged = sum(r.get("net") == net and r["model"] == model and r["diverged"] for r in rows)
         if diverged:
             lines.append(f"{label:<{width}} {diverged:>5}  diverged (no test accuracy)")
         if not group:

@@ -181,10 +181,17 @@ def run_sweep(
     return done
 
 
+def run_folders(out: Path) -> Path:
+    """Where a store keeps its run folders: ``runs/`` of a sweep, the folder itself of a
+    ``compare``."""
+    return out / "runs" if (out / "runs").is_dir() else out
+
+
 def collect(out: Path) -> list[dict]:
-    """One row per finished run in the store: config, test metrics, per-layer cost."""
+    """One row per finished run in a sweep or compare store: config, test metrics, per-layer
+    cost (a CNN's layer fields empty)."""
     rows = []
-    for path in sorted((out / "runs").glob("*/metrics.json")):
+    for path in sorted(run_folders(out).glob("*/metrics.json")):
         metrics = read_metrics(path.parent)
         if not (metrics and metrics.get("finished")):
             continue
@@ -304,7 +311,7 @@ def write_reports(out: Path) -> list[dict]:
     (out / "summary.md").write_text(summary_markdown(summary))
     if (panel := sigma_panel(summary, labelled)).series:
         plot_accuracy(panel, out / "accuracy_vs_sigma.png")
-    curves_of = {row["run"]: read_curve(out / "runs" / row["run"]) for row in rows}  # None: left out
+    curves_of = {row["run"]: read_curve(run_folders(out) / row["run"]) for row in rows}  # None: left out
     cnn_runs = [curves_of[r["run"]] for r in rows if r["model"] == "cnn" and curves_of[r["run"]]]
     figures: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for row in rows:

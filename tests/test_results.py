@@ -146,3 +146,11 @@ def test_the_sigma_figure_draws_the_cnn_and_counts_the_seeds_that_trained():
     (points,) = panel.series.values()
     assert points == [(0.2, 0.9, 0.01, 2), (0.5, 0.93, 0.01, 3)]  # the diverged seed is not counted
     assert list(panel.unsampled.values()) == [(0.94, 0.01, 3)]  # "no sampling": a line, not σ = None
+
+
+def test_compare_takes_several_nets_into_one_table(tmp_path, mnist_raw_dir, capsys):
+    cli.main(["compare", "--net", "authors", "lenet5", *TINY, "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    for net in ("authors", "lenet5"):
+        assert f"\n{net}: CNN " in printed and f"\n{net}: CNN train / QCNN test " in printed
+        assert (tmp_path / net / "summary.csv").is_file() and list((tmp_path / net).glob(f"cnn_{net}_*"))

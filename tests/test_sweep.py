@@ -174,3 +174,6 @@ def test_plot_sweeps_draws_one_panel_per_store(tmp_path, mnist_raw_dir):
     assert figure.read_bytes().startswith(PNG_MAGIC)
     with pytest.raises(SystemExit, match="not a sweep store"):
         cli.main(["plot-sweeps", str(tmp_path / "figures")])
+    cli.main(["compare", "--sigma", "0.3", *TINY, "--out", str(tmp_path / "compare")])  # a compare folder too
+    cli.main(["plot-sweeps", str(tmp_path / "authors"), str(tmp_path / "compare"), "--out", str(figure)])
+    assert figure.read_bytes().startswith(PNG_MAGIC)
