@@ -317,22 +317,31 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
     check_tensorboard(args)
     device = resolve_device(args.device)
-    state = source_run(Path(args.run), device)
-    source = Path(args.run).resolve()  # the run's configuration names its source wherever it runs
-    trained = RunConfig.from_dict(state["config"])
-    kept = ("net", "seed", "train_limit", "test_limit", "batch_size", "test_batch_size", "log_every")
-    same = {name: getattr(trained, name) for name in kept}  # the data and seed of the CNN's run
-    config = run_config(args, **same, model="qcnn", init_from=str(source), calibrate=args.calibrate)
-    if args.calibrate and args.calibrate > (trained.train_limit or 60000):
-        raise CommandError(f"--calibrate {args.calibrate}: the run trained on {trained.train_limit} images")
+    jobs = []  # (the CNN's metrics, the fine-tuning run's config), every source checked first
+    for run in args.run:
+        state = source_run(Path(run), device)
+        trained = RunConfig.from_dict(state["config"])
+        kept = ("net", "seed", "train_limit", "test_limit", "batch_size", "test_batch_size", "log_every")
+        same = {name: getattr(trained, name) for name in kept}  # the data and seed of the CNN's run
+        source = str(Path(run).resolve())  # the configuration names its source wherever it runs
+        config = run_config(args, **same, model="qcnn", init_from=source, calibrate=args.calibrate)
+        if args.calibrate and args.calibrate > (trained.train_limit or 60000):
+            raise CommandError(f"--calibrate {args.calibrate}: {run} trained on {trained.train_limit} images")
+        jobs.append((state["metrics"], config))
     out = writable_folder(args.out)
     data = load_mnist(args.data_dir, device)
-    check_data(config, data)
-    print(f"finetune: {source.name} as a QCNN on {device}, {config.epochs} epoch(s), results in {out}")
-    metrics = train_run(config, data, out / run_id(config), device, not args.no_progress, args.tensorboard)
+    done, diverged = [], []
+    for source_metrics, config in jobs:
+        check_data(config, data)
+        name = Path(config.init_from).name
+        print(f"finetune: {name} as a QCNN on {device}, {config.epochs} epoch(s), in {out}")
+        folder = out / run_id(config)
+        metrics = train_run(config, data, folder, device, not args.no_progress, args.tensorboard)
+        done.append((source_metrics, metrics))
+        diverged += [{"model": "qcnn", "seed": config.seed}] if "diverged" in metrics else []
     print()
-    print(format_start(state["metrics"], metrics))
-    report_diverged([{"model": "qcnn", "seed": config.seed}] if "diverged" in metrics else [])
+    print(format_start(done))
+    report_diverged(diverged)
 
 
 def sweep_configs(args: argparse.Namespace) -> list[RunConfig]:
@@ -497,7 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     finetune = sub.add_parser("finetune", parents=[verbosity],
                               help="a trained CNN made a QCNN, calibrated and trained on")  # fmt: skip
-    finetune.add_argument("run", help="the CNN's run folder (of compare or sweep)")
+    finetune.add_argument("run", nargs="+", help="CNN run folders (of compare or sweep), e.g. one per seed")
     finetune.add_argument("--calibrate", type=int, default=2560, metavar="N",
                           help="training images that calibrate the BatchNorms first (0: none)")  # fmt: skip
     finetune.add_argument("--out", default="runs/finetune", help="output folder (resumable)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import statistics
+from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
 
@@ -144,21 +145,25 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def format_start(source: dict, metrics: dict) -> str:
-    """A fine-tuning run step by step: the CNN it started from (``source``, its metrics),
-    converted, calibrated, trained on as a QCNN (``metrics``); test accuracy and seconds."""
-    start = metrics["start"]
-    steps = [("CNN", source["test_accuracy"], source["train_seconds"]),
-             ("converted to a QCNN", start["converted"]["test_accuracy"], 0.0)]  # fmt: skip
-    if calibrated := start.get("calibrated"):
-        steps.append(("calibrated", calibrated["test_accuracy"], calibrated["calibrate_seconds"]))
-    seconds = metrics["train_seconds"]
-    if "diverged" in metrics:
-        steps.append((f"fine-tuned: diverged, {metrics['diverged']['reason']}", None, seconds))
-    else:
-        steps.append((f"fine-tuned, {len(metrics['epochs'])} epoch(s)", metrics["test_accuracy"], seconds))
-    lines = [f"{'step':<34} {'test accuracy %':>16} {'seconds':>8}"]
-    for label, accuracy, seconds in steps:
-        shown = "" if accuracy is None else f"{100 * accuracy:.2f}"
-        lines.append(f"{label:<34} {shown:>16} {seconds:>8.1f}")
+def format_start(runs: list[tuple[dict, dict]]) -> str:
+    """Fine-tuning runs step by step: the CNN each started from (its metrics), converted,
+    calibrated, trained on as a QCNN (the run's metrics); test accuracy (mean ± std over the
+    runs that did not diverge) and mean seconds of each step."""
+    steps: dict[str, list[tuple[float | None, float]]] = defaultdict(list)
+    for source, metrics in runs:
+        start = metrics["start"]
+        steps["CNN"].append((source["test_accuracy"], source["train_seconds"]))
+        steps["converted to a QCNN"].append((start["converted"]["test_accuracy"], 0.0))
+        if calibrated := start.get("calibrated"):
+            steps["calibrated"].append((calibrated["test_accuracy"], calibrated["calibrate_seconds"]))
+        label = f"fine-tuned, {metrics['config']['epochs']} epoch(s)"
+        accuracy = None if "diverged" in metrics else metrics["test_accuracy"]
+        steps[label].append((accuracy, metrics["train_seconds"]))
+    lines = [f"{'step':<30} {'runs':>4} {'test accuracy %':>18} {'seconds':>8}"]
+    for label, values in steps.items():
+        accuracy = [100 * value for value, _ in values if value is not None]
+        shown = f"{statistics.mean(accuracy):.2f}" if accuracy else "diverged"
+        shown += f" ± {statistics.stdev(accuracy):.2f}" if len(accuracy) > 1 else ""
+        seconds = statistics.mean(second for _, second in values)
+        lines.append(f"{label:<30} {len(values):>4} {shown:>18} {seconds:>8.1f}")
     return "\n".join(lines)

@@ -106,3 +106,20 @@ def test_evaluate_calibrate_without_batch_norm_warns(tmp_path, mnist_small, mnis
         cli.main(["evaluate", str(tmp_path / "cnn"), "--repeats", "1", "--calibrate", "64", "--no-progress",
                   "--out", str(tmp_path / "evaluate")])  # fmt: skip
     assert "no BatchNorm: no calibration to do" in caplog.text
+
+
+def test_finetune_states_each_step_over_several_runs():
+    from experiments.compare import format_start
+
+    def run(accuracy: float, diverged: bool = False) -> tuple[dict, dict]:
+        calibrated = {"test_accuracy": 0.7, "calibrate_seconds": 2}
+        metrics = {"start": {"converted": {"test_accuracy": 0.2}, "calibrated": calibrated},
+                   "config": {"epochs": 1}, "test_accuracy": accuracy, "train_seconds": 10.0}  # fmt: skip
+        if diverged:
+            metrics["diverged"] = {"reason": "the loss became nan at batch 3"}
+        return {"test_accuracy": 0.98, "train_seconds": 100.0}, metrics
+
+    table = format_start([run(0.96), run(0.98), run(0.5, True)])
+    rows = [" ".join(line.split()) for line in table.splitlines()]
+    assert "calibrated 3 70.00 ± 0.00 2.0" in rows
+    assert "fine-tuned, 1 epoch(s) 3 97.00 ± 1.41 10.0" in rows  # the diverged run is left out of the mean
