@@ -28,6 +28,7 @@ from experiments.models import build_model, build_optimiser
 from qcnn import calibrate, load_classical
 from qcnn.functional import NonFiniteError
 from qcnn.training import Diverged, batches, evaluate, train_epoch
+from qcnn.tuning import quantum_norms
 
 
 def train_run(
@@ -166,7 +167,7 @@ def start_from_cnn(config: RunConfig, model: torch.nn.Module, train: tuple, test
         return {"test_accuracy": result["test_accuracy"], "test_loss": result["test_loss"]}
 
     start = {"converted": tested()}
-    if config.calibrate:
+    if config.calibrate and quantum_norms(model):  # a net without BatchNorms has nothing to calibrate
         started = time.perf_counter()
         images, labels = (part[: config.calibrate] for part in train)
         calibrate(model, batches(images, labels, config.batch_size))
