@@ -169,17 +169,22 @@ def layer_mapping(args: argparse.Namespace) -> dict:
     """The ``layers`` mapping of --classical and --layer-options (checked when a run builds it)."""
     mapping = {pattern: None for pattern in args.classical}
     if args.layer_options is not None:
-        path = Path(args.layer_options)
-        try:
-            spec = json.loads(path.read_text())
-        except OSError as error:
-            raise CommandError(f"--layer-options {path}: {error.strerror}") from None
-        except json.JSONDecodeError as error:
-            raise CommandError(f"--layer-options {path}: not valid JSON ({error})") from None
-        if not isinstance(spec, dict):
-            raise CommandError(f"--layer-options {path}: expected a JSON object, got {type(spec).__name__}")
+        spec = read_json_object("--layer-options", Path(args.layer_options))
         mapping.update({key: value for key, value in spec.items() if key not in mapping})
     return mapping
+
+
+def read_json_object(option: str, path: Path) -> dict:
+    """The JSON object in ``path``; CommandError naming ``option`` and the file otherwise."""
+    try:
+        spec = json.loads(path.read_text())
+    except OSError as error:
+        raise CommandError(f"{option} {path}: {error.strerror}") from None
+    except json.JSONDecodeError as error:
+        raise CommandError(f"{option} {path}: not valid JSON ({error})") from None
+    if not isinstance(spec, dict):
+        raise CommandError(f"{option} {path}: expected a JSON object, got {type(spec).__name__}")
+    return spec
 
 
 def run_config(args: argparse.Namespace, **overrides) -> RunConfig:
@@ -372,14 +377,7 @@ def sweep_configs(args: argparse.Namespace) -> list[RunConfig]:
 
 def read_sweep_config(path: Path) -> dict:
     """``--config``'s JSON, checked: {"grid": {field: [values]}, "seeds": [ints], field: value}."""
-    try:
-        spec = json.loads(path.read_text())
-    except OSError as error:
-        raise CommandError(f"--config {path}: {error.strerror}") from None
-    except json.JSONDecodeError as error:
-        raise CommandError(f"--config {path}: not valid JSON ({error})") from None
-    if not isinstance(spec, dict):
-        raise CommandError(f"--config {path}: expected a JSON object, got {type(spec).__name__}")
+    spec = read_json_object("--config", path)
     fields = set(RunConfig.__dataclass_fields__) - {"model", "seed"}
     grid = spec.get("grid", {})
     if not isinstance(grid, dict):

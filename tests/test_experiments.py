@@ -63,24 +63,28 @@ def test_training_is_deterministic(mnist_small, tmp_path):
     assert (tmp_path / "a" / "curve.csv").read_text() == (tmp_path / "b" / "curve.csv").read_text()
 
 
+def killed_at_second_call(monkeypatch, name: str) -> None:
+    """``experiments.train.<name>`` raises KeyboardInterrupt at its second call, as a kill
+    would (for as long as ``monkeypatch`` holds)."""
+    original, calls = getattr(train, name), []
+
+    def killed(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train, name, killed)
+
+
 def test_interrupted_run_resumes_to_the_same_result(mnist_small, tmp_path, monkeypatch):
     config = replace(TINY, epochs=2)
     reference = train.train_run(config, mnist_small, tmp_path / "reference", CPU, progress=False)
-    evaluate = train.evaluate
-    calls = []
-
-    def interrupted_evaluate(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # killed during epoch 2's evaluation
-        return evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(train, "evaluate", interrupted_evaluate)
-    with pytest.raises(KeyboardInterrupt):
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        killed_at_second_call(patch, "evaluate")  # killed during epoch 2's evaluation
         train.train_run(config, mnist_small, tmp_path / "run", CPU, progress=False)
     partial = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert not partial["finished"] and len(partial["epochs"]) == 1
-    monkeypatch.setattr(train, "evaluate", evaluate)
     resumed = train.train_run(config, mnist_small, tmp_path / "run", CPU, progress=False)
     assert resumed["finished"]
     assert resumed["test_accuracy"] == reference["test_accuracy"]

@@ -16,7 +16,7 @@ from experiments import cli, train
 from experiments.config import RunConfig, run_id
 from experiments.models import build_model
 from qcnn import QConv2d
-from tests.test_experiments import CPU, PNG_MAGIC, TINY
+from tests.test_experiments import CPU, PNG_MAGIC, TINY, killed_at_second_call
 
 RESNET = RunConfig.for_net("resnet", model="cnn", train_limit=256, test_limit=100, epochs=1, batch_size=32,
                            test_batch_size=100)  # fmt: skip
@@ -58,18 +58,9 @@ def test_a_finetuning_run_starts_from_the_cnn_and_resumes_after_a_kill(resnet_ru
     reference = train.train_run(config, mnist_small, tmp_path / "reference", CPU, progress=False)
     start = reference["start"]
     assert set(start) == {"converted", "calibrated"} and start["calibrated"]["calibrate_seconds"] > 0
-    train_epoch, calls = train.train_epoch, []
-
-    def killed(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # killed in the second epoch
-        return train_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train, "train_epoch", killed)
-    with pytest.raises(KeyboardInterrupt):
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        killed_at_second_call(patch, "train_epoch")  # killed in the second epoch
         train.train_run(config, mnist_small, tmp_path / "run", CPU, progress=False)
-    monkeypatch.setattr(train, "train_epoch", train_epoch)
     resumed = train.train_run(config, mnist_small, tmp_path / "run", CPU, progress=False)
     assert resumed["start"]["calibrated"]["test_loss"] == start["calibrated"]["test_loss"]
     assert resumed["test_accuracy"] == reference["test_accuracy"]

@@ -16,22 +16,14 @@ from experiments import cli, train
 from experiments.runfolder import read_curve
 from experiments.sweep import collect, summarise
 from tests.test_errors import TINY, fails_with
-from tests.test_experiments import CPU
+from tests.test_experiments import CPU, killed_at_second_call
 from tests.test_experiments import TINY as TINY_CONFIG
 
 
 def test_evaluate_refuses_a_run_killed_after_its_first_epoch(tmp_path, mnist_small, monkeypatch):
     config = replace(TINY_CONFIG, model="cnn", epochs=3)
-    evaluate, calls = train.evaluate, []
-
-    def killed(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # killed in epoch 2's evaluation
-        return evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(train, "evaluate", killed)
-    with pytest.raises(KeyboardInterrupt):
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        killed_at_second_call(patch, "evaluate")  # killed in epoch 2's evaluation
         train.train_run(config, mnist_small, tmp_path / "run", CPU, progress=False)
     fails_with(["evaluate", str(tmp_path / "run"), "--out", str(tmp_path / "evaluate")],
                "is not a finished run: it trained 1 of 3 epochs; rerun its command to finish it")  # fmt: skip
