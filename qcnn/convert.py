@@ -81,7 +81,7 @@ class ConversionReport:
         return "\n".join(lines)
 
 
-LayerRules = Mapping["str | type[nn.Module]", "dict | None"]
+LayerRules = Mapping[str | type[nn.Module], dict | None]  # the ``layers`` of convert and configure
 
 
 def convert(
@@ -101,8 +101,8 @@ def convert(
     layer's cap instead. ``layers`` maps a convolution's qualified name (``"features.0"``),
     an fnmatch pattern (``"layer4.*"``) or a module type to a dict of options that override
     the global ones for those layers, or to None to keep them classical (precedence: name,
-    patterns in order, types, global). Each layer takes its convolution's place, so the convolutions keep
-    their state_dict keys; a BatchNorm moves into the layer (``norm``), and
+    patterns in order, types, global). Each layer takes its convolution's place, so the
+    convolutions keep their state_dict keys; a BatchNorm moves into the layer (``norm``), and
     :func:`classical_state_dict` and :func:`load_classical` translate its keys between the
     two models. The copy's ``conversion_report`` (a :class:`ConversionReport`) names each
     convolution converted, and each left classical with the reason; one summary line is
