@@ -260,3 +260,25 @@ def test_check_network_runs_on_the_datas_image_shape():
     check_network(RunConfig(), (1, 28, 28))
     with pytest.raises(ValueError, match="kernel_size .* is larger than the input"):
         check_network(RunConfig(), (1, 12, 12))  # the second 7×7 convolution meets a 6×6 map
+
+
+def test_every_command_is_quiet_by_default_and_verbose_on_request(tmp_path, mnist_raw_dir):
+    """convert's summary line is INFO: shown with -v, not by default; -q leaves errors only."""
+    argv = [sys.executable, "-m", "experiments", "compare", "--model", "qcnn", "--train-limit", "64",
+            "--test-limit", "32", "--epochs", "1", "--no-progress", "--device", "cpu"]  # fmt: skip
+
+    def stderr(*flags: str) -> str:
+        out = tmp_path / "-".join(flags or ("default",))
+        result = subprocess.run([*argv, *flags, "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        return result.stderr
+
+    assert "convert:" not in stderr()
+    assert "INFO qcnn.convert: convert: 2 of 2 Conv2d converted to QConv2d" in stderr("-v")
+    assert "DEBUG qcnn.convert: convert: the conversion report" in stderr("-vv")
+    assert stderr("-q") == ""
+    from experiments import cli
+
+    commands = cli.parsers(cli.build_parser())[1:]  # every command's parser, validate's jobs too
+    assert all({"-v", "-q"} <= set(command._option_string_actions) for command in commands if command.prog
+               != "python -m experiments validate")  # fmt: skip
