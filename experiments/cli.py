@@ -19,7 +19,6 @@ from classical import NETWORKS
 from experiments.config import MODES, OPTIMIZERS, RunConfig, run_id
 from experiments.files import RunLocked
 from experiments.models import check_network
-from experiments.train import Diverged
 from qcnn.options import (
     BACKEND_DEVICES,
     BACKENDS,
@@ -31,6 +30,7 @@ from qcnn.options import (
     QConvOptions,
 )
 from qcnn.sampling import n_samples
+from qcnn.training import Diverged
 
 # Backends of ``validate layer`` and ``bench`` (circuit backends), and of ``validate network``
 # (the layer's backends); the first of each is the reference the others are compared with.
