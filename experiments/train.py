@@ -162,14 +162,15 @@ def start_from_cnn(config: RunConfig, model: torch.nn.Module, train: tuple, test
     the first ``config.calibrate`` training images; the test metrics of each step."""
     load_classical(model, source_run(Path(config.init_from), device, config.net)["model"])
 
-    def tested() -> dict:
+    def test_metrics() -> dict:
         result = evaluate(model, *test, config.test_batch_size)
         return {"test_accuracy": result["test_accuracy"], "test_loss": result["test_loss"]}
 
-    start = {"converted": tested()}
+    start = {"converted": test_metrics()}
     if config.calibrate and quantum_norms(model):  # a net without BatchNorms has nothing to calibrate
         started = time.perf_counter()
         images, labels = (part[: config.calibrate] for part in train)
         calibrate(model, batches(images, labels, config.batch_size))
-        start["calibrated"] = {**tested(), "calibrate_seconds": time.perf_counter() - started}
+        seconds = time.perf_counter() - started  # the calibration alone, not the test after it
+        start["calibrated"] = {**test_metrics(), "calibrate_seconds": seconds}
     return start
