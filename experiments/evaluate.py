@@ -23,7 +23,7 @@ from experiments.config import RunConfig
 from experiments.data import Mnist
 from experiments.models import build_model
 from experiments.plots import Baseline, Panel, plot_accuracy, plot_per_layer
-from experiments.runfolder import read_checkpoint, read_metrics
+from experiments.runfolder import read_checkpoint, read_metrics, weights_for
 from qcnn import calibrate, configure, convert, diagnose
 from qcnn.training import batches, evaluate
 from qcnn.tuning import quantum_norms
@@ -49,7 +49,7 @@ def load_checkpoint(
             why = f"it diverged ({latest['diverged']['reason']})"
         raise ValueError(f"{path} is not a finished run: {why}")
     model = build_model(config, device, generator)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(weights_for(model, state, path))
     return config, model, state["metrics"]
 
 

@@ -192,6 +192,18 @@ def read_checkpoint(path: Path, device: torch.device) -> dict:
         raise ValueError(f"{file} is not a readable checkpoint ({type(error).__name__}: {error})") from None
 
 
+def weights_for(model: torch.nn.Module, state: dict, file: Path) -> dict:
+    """The model weights of a checkpoint's ``state``, checked to name exactly ``model``'s
+    entries first (nothing is loaded half-way); ValueError naming ``file`` if they do not, as
+    for a checkpoint of an older qcnn, whose QCNN layers had other names."""
+    saved, expected = set(state["model"]), set(model.state_dict())
+    if saved != expected:
+        odd = sorted(saved ^ expected)[:3]
+        raise ValueError(f"{file} holds weights of another layout than this version's network (e.g. {odd}; "
+                         "saved by an older qcnn?): train the run again")  # fmt: skip
+    return state["model"]
+
+
 def save_checkpoint(folder: Path, state: dict) -> None:
     atomic_save(state, folder / CHECKPOINT)
 

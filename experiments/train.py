@@ -69,8 +69,16 @@ def _train(
             state = runfolder.read_checkpoint(out_dir, device)
         except ValueError as error:
             runfolder.set_aside(out_dir / runfolder.CHECKPOINT, error)
-    if state is not None and state["config"] == config.as_dict():
-        model.load_state_dict(state["model"])
+    if state is not None and state["config"] != config.as_dict():
+        state = None  # another configuration's: this run starts afresh and overwrites it
+    if state is not None:
+        try:
+            weights = runfolder.weights_for(model, state, out_dir / runfolder.CHECKPOINT)
+        except ValueError as error:
+            runfolder.set_aside(out_dir / runfolder.CHECKPOINT, error)
+            state = None
+    if state is not None:
+        model.load_state_dict(weights)
         optimiser.load_state_dict(state["optimiser"])
         noise.set_state(state["noise"])
         order.set_state(state["order"])

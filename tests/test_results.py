@@ -146,3 +146,25 @@ def test_compare_takes_several_nets_into_one_table(tmp_path, mnist_raw_dir, caps
     for net in ("authors", "lenet5"):
         assert f"\n{net}: CNN " in printed and f"\n{net}: CNN train / QCNN test " in printed
         assert (tmp_path / net / "summary.csv").is_file() and list((tmp_path / net).glob(f"cnn_{net}_*"))
+
+
+def test_a_checkpoint_of_an_older_layout_is_named_not_a_traceback(tmp_path, mnist_small, caplog, monkeypatch):
+    """Before the converted layers kept their convolutions' names, a QCNN saved ``conv1.weight``
+    where the network now has ``conv1.0.weight``."""
+    folder = tmp_path / "run"
+    config = replace(TINY_CONFIG, epochs=2)
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        killed_at_second_call(patch, "evaluate")  # one epoch saved
+        train.train_run(config, mnist_small, folder, CPU, progress=False)
+    state = torch.load(folder / "checkpoint.pt", weights_only=False)
+    state["model"] = {key.replace("conv1.0.", "conv1."): value for key, value in state["model"].items()}
+    torch.save(state, folder / "checkpoint.pt")
+    fails_with(["evaluate", str(folder / "checkpoint.pt"), "--out", str(tmp_path / "evaluate")],
+               "is not a finished run")  # fmt: skip
+    state["metrics"]["finished"] = True
+    torch.save(state, folder / "checkpoint.pt")
+    fails_with(["evaluate", str(folder / "checkpoint.pt"), "--out", str(tmp_path / "evaluate")],
+               "holds weights of another layout than this version's network")  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        assert train.train_run(config, mnist_small, folder, CPU, progress=False)["finished"]
+    assert "another layout" in caplog.text and (folder / "checkpoint.pt.unreadable").is_file()
