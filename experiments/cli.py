@@ -330,14 +330,16 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         same = {name: getattr(trained, name) for name in kept}  # the data and seed of the CNN's run
         source = str(Path(run).resolve())  # the configuration names its source wherever it runs
         config = run_config(args, **same, model="qcnn", init_from=source, calibrate=args.calibrate)
-        if args.calibrate and args.calibrate > (trained.train_limit or 60000):
-            raise CommandError(f"--calibrate {args.calibrate}: {run} trained on {trained.train_limit} images")
         jobs.append((state["metrics"], config))
     out = writable_folder(args.out)
     data = load_mnist(args.data_dir, device)
+    for _, config in jobs:  # every job checked before any trains
+        check_data(config, data)
+        if config.calibrate > (trained := config.train_limit or len(data.train_images)):
+            source = config.init_from
+            raise CommandError(f"--calibrate {config.calibrate}: {source} trained on {trained} images")
     done, diverged = [], []
     for source_metrics, config in jobs:
-        check_data(config, data)
         name = Path(config.init_from).name
         print(f"finetune: {name} as a QCNN on {device}, {config.epochs} epoch(s), in {out}")
         folder = out / run_id(config)

@@ -20,7 +20,7 @@ import torch
 from experiments.config import RunConfig, run_id
 from experiments.data import Mnist
 from experiments.evaluate import load_checkpoint
-from experiments.plots import plot_curves
+from experiments.plots import CHANCE, plot_curves
 from experiments.runfolder import read_curve
 from experiments.train import train_run
 from qcnn import calibrate, convert
@@ -104,16 +104,16 @@ def run_compare(
     return rows
 
 
-CHANCE = 0.1  # ten classes
 # A recipe that learns on little data: over 80 % on 2,000 images (tests/test_experiments.py).
 SMALL_DATA_RECIPE = "--train-limit 2000 --epochs 5 --lr 0.05 --momentum 0.5"
 
 
 def near_chance(config: RunConfig, accuracy: float, available: int) -> str | None:
-    """Why a run that ends below twice chance learnt nothing, or None if it did learn."""
+    """Why a run that ends below twice chance learnt nothing, or None if it did learn
+    (``available``: the training images there are; a larger limit is refused before)."""
     if accuracy >= 2 * CHANCE:
         return None
-    images = min(config.train_limit or available, available)
+    images = config.train_limit or available
     steps = config.epochs * -(-images // config.batch_size)
     return (f"near chance ({100 * CHANCE:.0f} %): {steps} step(s) of batch {config.batch_size} at lr "
             f"{config.lr:g} ({config.optimizer}) are too few for this recipe; on little data, "

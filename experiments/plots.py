@@ -148,7 +148,7 @@ def plot_per_layer(rows: list[dict], path: Path) -> None:
         ax.axhline(100 * first["quantum_accuracy"], color=bars.patches[0].get_facecolor(), linestyle="--",
                    label=f"every layer quantum ({label})")  # fmt: skip
     ax.axhline(100 * rows[0]["exact_accuracy"], color="black", label="every layer exact (classical)")
-    ax.axhline(10, color="grey", linestyle=":", label="chance (10 classes)")
+    ax.axhline(100 * CHANCE, color="grey", linestyle=":", label="chance (10 classes)")
     ax.set_xticks(np.arange(len(layers)), layers, rotation=45, ha="right", fontsize=8)
     ax.set_ylabel("test accuracy (%), one pass")
     ax.set_ylim(0, 100)

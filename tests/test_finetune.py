@@ -72,6 +72,9 @@ def test_finetune_cli_prints_each_step_and_refuses_a_qcnn_run(resnet_run, tmp_pa
     printed = capsys.readouterr().out
     for step in ("CNN", "converted to a QCNN", "calibrated", "fine-tuned, 1 epoch(s)"):
         assert f"\n{step} " in printed
+    with pytest.raises(SystemExit) as raised:  # more calibration images than the CNN trained on
+        cli.main(["finetune", str(resnet_run), "--calibrate", "1000", "--out", str(tmp_path / "too-many")])
+    assert "--calibrate 1000:" in str(raised.value.code) and "trained on 256 images" in str(raised.value.code)
     (run,) = tmp_path.glob("qcnn-resnet-*_from-cnn_*")
     with pytest.raises(SystemExit) as raised:
         cli.main(["finetune", str(run), "--out", str(tmp_path / "again")])
