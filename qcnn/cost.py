@@ -44,23 +44,34 @@ class LayerCost:
 
 
 @torch.no_grad()
-def layer_cost(
-    scale: torch.Tensor,
-    activations: torch.Tensor,
-    distinct: torch.Tensor | None,
-    samples: int,
-    epsilon: float,
-    cap: float,
-    kernel_volume: int,
-) -> LayerCost:
-    """The cost of one forward pass from ‖A‖‖F‖ (``scale``), f(Ŷ) before sampling and the
-    distinct positions each image kept (None without sampling)."""
+def summarise(
+    scale: torch.Tensor, activations: torch.Tensor, cap: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per image, in float64: M = max ‖A_p‖‖F_q‖ (``scale``, broadcastable to the
+    activations), E = mean f(Ŷ) over the outputs (``activations`` before sampling), and C,
+    or the largest f(Ŷ) where C = ∞."""
     images = len(activations)
     flat = activations.reshape(images, -1).double()
-    outputs = flat.shape[1]
     m = scale.expand_as(activations).reshape(images, -1).amax(1).double()
-    e = flat.mean(1)
-    c = torch.full_like(e, cap) if math.isfinite(cap) else flat.amax(1)
+    c = torch.full((images,), cap, dtype=torch.float64) if math.isfinite(cap) else flat.amax(1)
+    return m, flat.mean(1), c.to(flat.device)
+
+
+@torch.no_grad()
+def layer_cost(
+    m: torch.Tensor,
+    e: torch.Tensor,
+    c: torch.Tensor,
+    distinct: torch.Tensor | None,
+    outputs: int,
+    samples: int,
+    epsilon: float,
+    kernel_volume: int,
+) -> LayerCost:
+    """The cost of one forward pass from the per-image M, E and C of :func:`summarise` (or of
+    a compiled pass that adds them up as it computes f), and the distinct positions each
+    image kept (None without sampling)."""
+    images = len(e)
     active = e > 0
     if epsilon == 0:
         quantum = math.inf

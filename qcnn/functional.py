@@ -29,13 +29,14 @@ import math
 from collections.abc import Callable
 from types import ModuleType
 
+import numpy as np
 import torch
 from torch._compile import _disable_dynamo
 from torch.nn import functional as F
 
 from qcnn.accel import fused
 from qcnn.backprop import noisy_gradient
-from qcnn.cost import LayerCost, layer_cost
+from qcnn.cost import LayerCost, layer_cost, summarise
 from qcnn.estimation import estimate, patch_norms
 from qcnn.options import QConvOptions, check_generator, conv_pair
 from qcnn.sampling import capped_relu_, n_samples, sample_
@@ -48,7 +49,8 @@ class NonFiniteError(ValueError):
 
 
 def check_input(x: torch.Tensor, weight: torch.Tensor, generator: torch.Generator | None) -> None:
-    """ValueError for input the layer cannot take, before any work is done."""
+    """ValueError for input the layer cannot take (NaN and inf apart: :func:`check_finite`),
+    before any work is done."""
     if x.dim() != 4:
         raise ValueError(f"input must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
     if x.shape[1] != weight.shape[1]:
@@ -62,17 +64,33 @@ def check_input(x: torch.Tensor, weight: torch.Tensor, generator: torch.Generato
             f"the layer computes in float32 or float64 (the sampling's CDF needs the precision): got "
             f"input {x.dtype} and weight {weight.dtype}; convert both with .float() or .double()"
         )
-    # NaN propagates to both extremes, an infinity shows in one: one pass, no copy of x, and
-    # no further tensor operations (each small one costs tens of µs inside a training step).
-    if not all(math.isfinite(extreme.item()) for extreme in torch.aminmax(x)):
-        raise NonFiniteError("input contains NaN or inf")
-    if not all(math.isfinite(extreme.item()) for extreme in torch.aminmax(weight.detach())):
-        raise NonFiniteError("the layer's weights contain NaN or inf (did training diverge?)")
     check_generator(generator)
     if generator is not None and generator.device.type != x.device.type:
         raise ValueError(
             f"generator is on {generator.device}, input on {x.device}: they must match"
         )
+
+
+def check_finite(x: torch.Tensor, weight: torch.Tensor) -> None:
+    """NonFiniteError if the input or the weights hold NaN or inf.
+
+    NaN propagates to both extremes, an infinity shows in one: one pass, no copy of x, and
+    no further tensor operations (each small one costs tens of µs inside a training step).
+    The compiled CPU pass needs no such pass: it finds them in the estimates it computes.
+    """
+    if not all(math.isfinite(extreme.item()) for extreme in torch.aminmax(x)):
+        raise NonFiniteError("input contains NaN or inf")
+    if not all(math.isfinite(extreme.item()) for extreme in torch.aminmax(weight.detach())):
+        raise NonFiniteError("the layer's weights contain NaN or inf (did training diverge?)")
+
+
+def _compiles(x: torch.Tensor, options: QConvOptions) -> bool:
+    """Whether the compiled CPU pass (:func:`_compiled_estimate_cap_sample`) makes this
+    forward pass: float32 on CPU, the "gaussian" or "exact" estimator, ``options.fused``."""
+    return (
+        options.fused and x.device.type == "cpu" and x.dtype == torch.float32
+        and options.estimator in ("exact", "gaussian")
+    )  # fmt: skip
 
 
 def _fused_kernels(
@@ -93,18 +111,17 @@ def _estimate(x, y, weight, stride, padding, options, generator):
     return estimate(y, scale, options, generator), scale
 
 
-def _sample(f, scale, options, generator, record, kernel_volume):
-    """Section 2.3 on f(Ŷ) (made in this pass, sampled in place), with the section 4
-    accounting handed to ``record`` if given."""
-    activations, distinct = f, None  # the accounting reads f(Ŷ) before sampling
+def _sample(f, summary, options, generator, record, kernel_volume):
+    """Section 2.3 on f(Ŷ) (made in this pass, sampled in place); with ``record``, the
+    section 4 accounting from the per-image ``summary`` of f(Ŷ) (:func:`qcnn.cost.summarise`)."""
+    distinct = None
     if options.sigma is not None:
-        f = f.contiguous()  # sampled in place, so copied first if the accounting is on
-        activations = f.clone() if record is not None else None
+        f = f.contiguous()
         distinct = sample_(f, options.sigma, options.sampling, generator)
     if record is not None:
         outputs = f[0].numel()
         samples = outputs if distinct is None else n_samples(options.sigma, outputs)
-        record(layer_cost(scale, activations, distinct, samples, options.epsilon, options.cap, kernel_volume))
+        record(layer_cost(*summary, distinct, outputs, samples, options.epsilon, kernel_volume))
     return f
 
 
@@ -121,7 +138,47 @@ def _estimate_cap_sample(x, y, weight, bias, stride, padding, options, generator
             y = y + bias.view(1, -1, 1, 1)
         inner = y  # the inner clamp's input: its flat parts stop the gradient too
     f = capped_relu_(y_hat, y, options.cap, options.cap_order)
-    return _sample(f, scale, options, generator, record, weight[0].numel()), inner
+    summary = summarise(scale, f, options.cap) if record is not None else None
+    return _sample(f, summary, options, generator, record, weight[0].numel()), inner
+
+
+def _compiled_estimate_cap_sample(x, y, weight, bias, stride, padding, options, generator, record):
+    """:func:`_estimate_cap_sample` on CPU, the same numbers: f(Ŷ) in one compiled pass over
+    Y (:mod:`qcnn.accel.estimate`), which also checks it is finite, then the sampling."""
+    from qcnn.accel import rng  # compiled with numba: imported at first use, not with qcnn
+    from qcnn.accel.estimate import estimate_cap
+
+    kernel_norms = torch.linalg.vector_norm(weight.flatten(1), dim=1)
+    norms = patch_norms(x, weight.shape[2:], stride, padding, options.norms == "authors").flatten(1)
+    noisy = options.estimator == "gaussian" and options.epsilon > 0
+    words = rng.normal_words(y.shape, generator, y.device, y.dtype) if noisy else None
+    noise = rng.randn(y.shape, generator, y.device, y.dtype) if noisy and words is None else _NOTHING
+    if words is None:
+        f = torch.empty_like(y)
+    else:  # f takes the words' memory (see estimate_cap)
+        f = torch.from_numpy(words[: y.numel()].view(np.float32)).view(y.shape)
+    finite = estimate_cap(
+        _by_channel(y), _NO_WORDS if words is None else words, noise.numpy().reshape(-1), _by_channel(f),
+        norms.numpy(), kernel_norms.numpy(), (bias if bias is not None else _NOTHING).detach().numpy(),
+        np.float32(2 * options.epsilon), np.float32(options.cap), options.cap_order == "authors",
+    )  # fmt: skip
+    if not finite:
+        check_finite(x, weight)  # names the input or the weights where it can
+        raise NonFiniteError("the layer's estimates overflowed to inf")
+    summary = None
+    if record is not None:  # the largest ‖A_p‖‖F_q‖ of an image is its largest ‖A_p‖ times max ‖F_q‖
+        largest_scale = (norms.amax(1) * kernel_norms.amax()).view(-1, 1, 1, 1)
+        summary = summarise(largest_scale, f, options.cap)
+    inner = y if options.cap_order == "authors" else None
+    return _sample(f, summary, options, generator, record, weight[0].numel()), inner
+
+
+_NOTHING, _NO_WORDS = torch.empty(0), np.empty(0, np.uint32)  # "none" for the compiled pass's arrays
+
+
+def _by_channel(t: torch.Tensor) -> np.ndarray:
+    """A (B, C, H, W) tensor as a (B, C, H·W) array sharing its memory."""
+    return t.detach().view(*t.shape[:2], -1).numpy()
 
 
 class _QConv2d(torch.autograd.Function):
@@ -131,9 +188,10 @@ class _QConv2d(torch.autograd.Function):
     def forward(ctx, x, weight, bias, stride, padding, options, generator, record):
         y = F.conv2d(x, weight, None, stride, padding)
         kernels = _fused_kernels(x, weight, options, record)
+        seeds = None
         if kernels is None:
-            seeds = None
-            f, inner = _estimate_cap_sample(x, y, weight, bias, stride, padding, options, generator, record)
+            passes = _compiled_estimate_cap_sample if _compiles(x, options) else _estimate_cap_sample
+            f, inner = passes(x, y, weight, bias, stride, padding, options, generator, record)
         else:  # the backward's δ noise takes its seeds from the same draw
             seeds = kernels.draw_seeds(generator, x.device)
             f, inner = kernels.estimate_cap_sample(x, y, weight, bias, stride, padding, options, seeds)
@@ -184,7 +242,9 @@ class _CapSample(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, scale, options, generator, record, kernel_volume):
-        f = _sample(z.clamp(0, options.cap), scale, options, generator, record, kernel_volume)
+        f = z.clamp(0, options.cap)
+        summary = summarise(scale, f, options.cap) if record is not None else None
+        f = _sample(f, summary, options, generator, record, kernel_volume)
         ctx.save_for_backward(f)
         ctx.cap = options.cap
         return f
@@ -261,6 +321,9 @@ def qconv2d_with_options(
     (``docs/algorithm.md``, *Classical terms before the non-linearity*).
     """
     check_input(input, weight, generator)
+    plain = norm is not None or shortcut is not None or options.backend != "torch"
+    if plain or not _compiles(input, options):  # else the compiled pass checks its estimates
+        check_finite(input, weight)
     stride, padding = conv_pair("stride", stride, 1), conv_pair("padding", padding, 0)
     check_geometry(input, tuple(weight.shape[2:]), stride, padding, options)
     if norm is not None or shortcut is not None:

@@ -69,12 +69,15 @@ class QConvOptions:
     backend: "torch" emulates; "pennylane" or "qiskit-aer" run every inner product and the
         sampling as circuits (forward only, estimator "shots" or "amplitude-estimation",
         exact norms), on ``backend_device`` "auto", "cpu" or "gpu".
-    fused: on CUDA, with Triton installed (torch's CUDA builds bring it), run the norms,
-        estimation, cap and sampling, and the Gaussian δ noise, as fused Triton kernels
-        (:mod:`qcnn.accel.fused`) for float32 input with the "gaussian" or "exact" estimator and
-        no cost tracking, once they pass a smoke test on the device (else a warning, and
-        torch operations). False uses torch operations there too: the same distributions,
-        other random numbers.
+    fused: for float32 input with the "gaussian" or "exact" estimator, run the work after
+        the convolution as compiled code instead of a chain of torch operations. On CPU, the
+        estimation and the cap are one compiled pass (:mod:`qcnn.accel.estimate`) that gives
+        the same numbers. On CUDA, with Triton installed (torch's CUDA builds bring it), the
+        norms, estimation, cap and sampling, and the Gaussian δ noise, run as fused Triton
+        kernels (:mod:`qcnn.accel.fused`) without cost tracking, once they pass a smoke test
+        on the device (else a warning, and torch operations); they draw other random
+        numbers than torch operations, from the same distributions. False uses torch
+        operations everywhere.
     """
 
     epsilon: float = 0.01

@@ -71,11 +71,54 @@ def randn(
     return _draw(_normal_float32, torch.randn, shape, generator, device, dtype)
 
 
-def _draw(copy, original, shape, generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """The copy's numbers where it applies (float32 on CPU, large enough, verified), else torch's."""
+def normal_words(
+    shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device, dtype: torch.dtype
+) -> np.ndarray | None:
+    """The generator's words that ``torch.randn(shape, ...)`` would turn into normals, drawn
+    from it (as that call would), for :func:`normals` to transform where they are used;
+    None where the copy does not apply (the caller then draws with :func:`randn`).
+
+    A compiled consumer that makes its normals a chunk at a time from these words, in cache,
+    spares the passes over memory that writing them all out and reading them back cost.
+    """
+    if not _applies(shape, generator, device, dtype):
+        return None
+    size = math.prod(shape)
+    return _next_words(_generator(generator), size + (16 if size % 16 else 0))
+
+
+@numba.njit(cache=True, nogil=True)
+def normals(words: np.ndarray, size: int, start: int, out: np.ndarray) -> None:
+    """Normals start, start + 1, ... of ``torch.randn(size)`` into ``out``, from the words
+    of :func:`normal_words`. ``start`` is a multiple of 16, and so is ``len(out)`` unless
+    the range ends at ``size``.
+
+    As :func:`_normal_float32`: whole blocks of 16 from their own words, and when 16 does not
+    divide ``size``, the last 16 normals from the 16 words after the others.
+    """
+    stop = start + len(out)
+    whole = min(stop, size - size % 16)  # the blocks of 16 that the range holds
+    if whole > start:
+        _uniforms(words[start:whole], out[: whole - start])
+        _box_muller(out[: whole - start])
+    if size % 16 and stop > size - 16:
+        last = np.empty(16, np.float32)
+        _uniforms(words[size:], last)
+        _box_muller(last)
+        first = max(start, size - 16)
+        out[first - start : stop - start] = last[first - (size - 16) : stop - (size - 16)]
+
+
+def _applies(shape, generator, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the copy makes these numbers: float32 on CPU, large enough, verified."""
     on_cpu = device.type == "cpu" and _generator(generator).device.type == "cpu"
     # math.prod, not np.prod: numpy takes 10-100 µs to read a torch.Size inside a training step
-    if on_cpu and dtype == torch.float32 and math.prod(shape) >= SMALLEST and _reproduces_torch():
+    return on_cpu and dtype == torch.float32 and math.prod(shape) >= SMALLEST and _reproduces_torch()
+
+
+def _draw(copy, original, shape, generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The copy's numbers where it applies, else torch's."""
+    if _applies(shape, generator, device, dtype):
         return copy(shape, _generator(generator))
     return original(shape, generator=generator, device=device, dtype=dtype)
 
