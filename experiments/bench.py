@@ -2,10 +2,11 @@
 
 For each device and batch size: one training step (forward, backward, optimiser) of the
 authors' network as CNN, as QCNN in theory mode and as QCNN in authors mode, and the two
-conv blocks alone (forward + backward). On CUDA, the theory-mode QCNN also runs on torch
-operations instead of the fused kernels of ``qcnn.accel.fused`` ("qcnn-theory-unfused"), to show
-what they save. ``--compile`` adds the training step under ``torch.compile`` (CNN and
-theory-mode QCNN; the layers themselves stay eager). Variants are timed in interleaved
+conv blocks alone (forward + backward). The theory-mode QCNN also runs on torch operations
+("qcnn-theory-unfused") instead of its compiled CPU pass (``qcnn.accel.estimate``) or its
+fused CUDA kernels (``qcnn.accel.fused``), to show what they save. ``--compile`` adds the
+training step under ``torch.compile`` (CNN and theory-mode QCNN; the layers themselves stay
+eager), ``--ablation`` the theory-mode step without parts of its work. Variants are timed in interleaved
 rounds so that machine noise hits them alike; each one's step time and its ratio to the
 classical step of the same round are reported as median (min-max) over the rounds, and
 written with the machine and versions to ``bench.json``. This is a benchmark, not a test:
@@ -33,28 +34,37 @@ from experiments.runfolder import provenance, strict
 # Each variant: the run's model and mode, layer options set on its QConv2d layers, and
 # whether its training step runs through torch.compile (the QCNN layers stay eager inside).
 Variant = tuple[dict, dict, bool]
+THEORY = {"model": "qcnn", "mode": "theory"}
 VARIANTS: dict[str, Variant] = {
     "cnn": ({"model": "cnn"}, {}, False),
-    "qcnn-theory": ({"model": "qcnn", "mode": "theory"}, {}, False),
+    "qcnn-theory": (THEORY, {}, False),
     "qcnn-authors": ({"model": "qcnn", "mode": "authors"}, {}, False),
-}
-CUDA_VARIANTS: dict[str, Variant] = {
-    "qcnn-theory-unfused": ({"model": "qcnn", "mode": "theory"}, {"fused": False}, False)
+    # the layers' torch operations instead of their compiled pass (CPU) or fused kernels (CUDA)
+    "qcnn-theory-unfused": (THEORY, {"fused": False}, False),
 }
 COMPILED_VARIANTS: dict[str, Variant] = {
     "cnn-compiled": ({"model": "cnn"}, {}, True),
-    "qcnn-theory-compiled": ({"model": "qcnn", "mode": "theory"}, {}, True),
+    "qcnn-theory-compiled": (THEORY, {}, True),
+}
+# Where the theory-mode step's extra time goes: the same step without the δ noise, then also
+# without the estimation noise, then also without the sampling.
+ABLATION_VARIANTS: dict[str, Variant] = {
+    "qcnn-theory-no-delta": (THEORY, {"delta": 0.0}, False),
+    "qcnn-theory-no-noise": (THEORY, {"delta": 0.0, "epsilon": 0.0}, False),
+    "qcnn-theory-bare": (THEORY, {"delta": 0.0, "epsilon": 0.0, "sigma": None}, False),
 }
 
 
 def variants(
-    device: torch.device, net: str = "authors", compiled: bool = False
+    net: str = "authors", compiled: bool = False, ablation: bool = False
 ) -> dict[str, tuple[RunConfig, dict, bool]]:
     """Each variant's run configuration (``net`` with its training recipe), layer options and
     compile flag."""
-    chosen = VARIANTS | CUDA_VARIANTS if device.type == "cuda" else dict(VARIANTS)
+    chosen = dict(VARIANTS)
     if compiled:
         chosen |= COMPILED_VARIANTS
+    if ablation:
+        chosen |= ABLATION_VARIANTS
     runnable = {}
     for name, (run, options, flag) in chosen.items():
         config = RunConfig.for_net(net, **run)
@@ -153,7 +163,7 @@ def profile_steps(devices: list[torch.device], batch: int, net: str = "authors",
     for device in devices:
         cuda = device.type == "cuda"
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        for name, variant in variants(device, net).items():
+        for name, variant in variants(net).items():
             step = _training_step(*variant, device, batch)
             for _ in range(3):  # warm-up, as in time_interleaved
                 step()
@@ -194,6 +204,7 @@ def run_bench(
     compiled: bool = False,
     net: str = "authors",
     out: Path | None = None,
+    ablation: bool = False,
 ) -> list[dict]:
     """Time every variant of ``net``; print and return one row per (device, batch, what,
     variant): its ms per step and its ratio to the CNN's step in the same round, each as
@@ -201,8 +212,10 @@ def run_bench(
     the machine and versions (:func:`experiments.runfolder.provenance`).
 
     With ``compiled``, the training step is also timed under ``torch.compile`` (CNN and
-    theory-mode QCNN), each against the eager CNN, so a slowdown shows. The conv blocks
-    alone are timed for the two-convolution nets (authors, lenet5)."""
+    theory-mode QCNN), each against the eager CNN, so a slowdown shows. With ``ablation``,
+    the theory-mode step is also timed without its δ noise, estimation noise and sampling
+    (:data:`ABLATION_VARIANTS`). The conv blocks alone are timed for the two-convolution
+    nets (authors, lenet5)."""
     rows = []
     print(f"torch {torch.__version__}; {net} net; rounds={rounds}, steps per round={repeat}")
     for device in devices:
@@ -210,9 +223,9 @@ def run_bench(
         header = f"{'ms (min-max)':>22}  {'ratio to cnn (min-max)':>24}"
         print(f"{'batch':>5}  {'timed':<14} {'variant':<21} {header}")
         for batch in batch_sizes:
-            timed = [("training step", _training_step, variants(device, net, compiled))]
+            timed = [("training step", _training_step, variants(net, compiled, ablation))]
             if net in TWO_CONV_NETS:
-                timed.append(("conv blocks", _conv_blocks, variants(device, net)))
+                timed.append(("conv blocks", _conv_blocks, variants(net)))
             for what, make, chosen in timed:
                 steps = {name: make(*variant, device, batch) for name, variant in chosen.items()}
                 samples = time_interleaved(steps, device, rounds, repeat)

@@ -244,7 +244,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         profile_steps(devices, args.batch_sizes[0], args.net)
     else:
         run_bench(devices, args.batch_sizes, args.rounds, args.repeat, args.compile, args.net,
-                  writable_folder(args.out))  # fmt: skip
+                  writable_folder(args.out), args.ablation)  # fmt: skip
 
 
 def validated_layer_options(args: argparse.Namespace) -> QConvOptions:
@@ -465,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--net", choices=tuple(NETWORKS), default="authors", help="network (with its recipe)")
     bench.add_argument("--compile", action="store_true",
                        help="also time the training step under torch.compile (CNN and QCNN)")
+    bench.add_argument("--ablation", action="store_true",
+                       help="also time the theory-mode QCNN without its δ noise, then without its estimation "
+                            "noise, then without its sampling: where its extra time goes")
     bench.add_argument("--out", default="runs/bench", help="folder of bench.json (the timings and machine)")
     bench.add_argument("--profile", action="store_true",
                        help="instead of timing, profile 10 steps of each variant at the first batch size")

@@ -148,9 +148,9 @@ def test_compare_trains_both_models_on_cuda(tmp_path, mnist_raw_dir):
 def test_bench_profile_breaks_down_a_step_of_every_variant(capsys):
     cli.main(["bench", "--profile", "--cpu-only", "--batch-sizes", "4"])
     printed = capsys.readouterr().out
-    for variant in ("cnn", "qcnn-theory", "qcnn-authors"):
+    for variant in ("cnn", "qcnn-theory", "qcnn-authors", "qcnn-theory-unfused"):
         assert f"{variant}, batch 4, 10 steps" in printed
-    assert printed.count("Self CPU time total") == 3
+    assert printed.count("Self CPU time total") == 4
     assert "aten::convolution_backward" in printed
 
 

@@ -69,12 +69,15 @@ def test_a_cnn_row_has_no_layer_options_and_every_run_records_its_provenance(tmp
 
 
 def test_bench_writes_every_figure_with_its_spread(tmp_path):
-    cli.main(["bench", "--cpu-only", "--batch-sizes", "2", "--rounds", "2", "--repeat", "1",
+    cli.main(["bench", "--cpu-only", "--batch-sizes", "2", "--rounds", "2", "--repeat", "1", "--ablation",
               "--out", str(tmp_path)])  # fmt: skip
     record = json.loads((tmp_path / "bench.json").read_text())
     assert record["provenance"]["threads"] == torch.get_num_threads()
     row = next(row for row in record["rows"] if row["variant"] == "qcnn-theory")
     assert row["ms_min"] <= row["ms_median"] <= row["ms_max"] and row["ratio_min"] <= row["ratio_max"]
+    steps = {row["variant"] for row in record["rows"] if row["timed"] == "training step"}
+    assert steps == {"cnn", "qcnn-theory", "qcnn-authors", "qcnn-theory-unfused", "qcnn-theory-no-delta",
+                     "qcnn-theory-no-noise", "qcnn-theory-bare"}  # fmt: skip
 
 
 
