@@ -148,6 +148,7 @@ def _compiled_estimate_cap_sample(x, y, weight, bias, stride, padding, options, 
     from qcnn.accel import rng  # compiled with numba: imported at first use, not with qcnn
     from qcnn.accel.estimate import estimate_cap
 
+    y = y.contiguous()  # e.g. from a channels_last input
     kernel_norms = torch.linalg.vector_norm(weight.flatten(1), dim=1)
     norms = patch_norms(x, weight.shape[2:], stride, padding, options.norms == "authors").flatten(1)
     noisy = options.estimator == "gaussian" and options.epsilon > 0

@@ -81,6 +81,17 @@ def test_compiled_pass_without_bias_and_with_normals_from_words(compiled_calls):
     assert all(torch.equal(compiled[key], plain[key]) for key in ("out", "x.grad", "weight", "state"))
 
 
+def test_channels_last_input_gives_the_same_numbers(compiled_calls):
+    def forward(fused: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        layer = QConv2d(3, 4, 3, padding=1, generator=torch.Generator().manual_seed(0), fused=fused)
+        x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+        return layer(x.to(memory_format=torch.channels_last))
+
+    assert torch.equal(forward(True), forward(False))
+    assert len(compiled_calls) == 1
+
+
 def test_cost_accounting_observes_the_compiled_pass(compiled_calls):
     shape, options = SHAPES[0], {"epsilon": 0.1}
     untracked = run(shape, options, fused=True)
