@@ -93,14 +93,27 @@ def _compiles(x: torch.Tensor, options: QConvOptions) -> bool:
     )  # fmt: skip
 
 
-def _fused_kernels(
-    x: torch.Tensor, weight: torch.Tensor, options: QConvOptions, record: CostRecorder | None
-) -> ModuleType | None:
+def _fused_kernels(x: torch.Tensor, weight: torch.Tensor, options: QConvOptions) -> ModuleType | None:
     """:mod:`qcnn.accel.fused.kernels` where they apply to this forward pass (see
     ``QConvOptions.fused``), else None."""
-    if options.fused and options.estimator in ("exact", "gaussian") and record is None:
+    if options.fused and options.estimator in ("exact", "gaussian"):
         return fused.kernels_for(x, weight)
     return None
+
+
+def _fused_estimate_cap_sample(kernels, x, y, weight, bias, stride, padding, options, seeds, record):
+    """Sections 2.1 to 2.3 by the fused kernels; with ``record``, the section 4 accounting
+    from the per-image sums the kernel adds up as it computes (the same pass either way)."""
+    summaries = None if record is None else torch.empty(len(y), 4, dtype=torch.float64, device=y.device)
+    f, inner = kernels.estimate_cap_sample(x, y, weight, bias, stride, padding, options, seeds, summaries)
+    if record is not None:
+        largest_norm, f_sum, f_max, kept = summaries.unbind(1)
+        outputs = f[0].numel()
+        m = largest_norm * torch.linalg.vector_norm(weight.flatten(1), dim=1).amax().double()
+        c = f_max if math.isinf(options.cap) else torch.full_like(f_max, options.cap)
+        distinct = None if options.sigma is None else kept.long()
+        _record(record, (m, f_sum / outputs, c), distinct, outputs, options, weight[0].numel())
+    return f, inner
 
 
 def _estimate(x, y, weight, stride, padding, options, generator):
@@ -119,10 +132,15 @@ def _sample(f, summary, options, generator, record, kernel_volume):
         f = f.contiguous()
         distinct = sample_(f, options.sigma, options.sampling, generator)
     if record is not None:
-        outputs = f[0].numel()
-        samples = outputs if distinct is None else n_samples(options.sigma, outputs)
-        record(layer_cost(*summary, distinct, outputs, samples, options.epsilon, kernel_volume))
+        _record(record, summary, distinct, f[0].numel(), options, kernel_volume)
     return f
+
+
+def _record(record, summary, distinct, outputs, options, kernel_volume):
+    """Hand ``record`` the section 4 cost of this pass, from the per-image M, E and C of
+    ``summary`` and the distinct positions kept (None without sampling)."""
+    samples = outputs if distinct is None else n_samples(options.sigma, outputs)
+    record(layer_cost(*summary, distinct, outputs, samples, options.epsilon, kernel_volume))
 
 
 def _estimate_cap_sample(x, y, weight, bias, stride, padding, options, generator, record):
@@ -188,14 +206,15 @@ class _QConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, options, generator, record):
         y = F.conv2d(x, weight, None, stride, padding)
-        kernels = _fused_kernels(x, weight, options, record)
+        kernels = _fused_kernels(x, weight, options)
         seeds = None
         if kernels is None:
             passes = _compiled_estimate_cap_sample if _compiles(x, options) else _estimate_cap_sample
             f, inner = passes(x, y, weight, bias, stride, padding, options, generator, record)
         else:  # the backward's δ noise takes its seeds from the same draw
             seeds = kernels.draw_seeds(generator, x.device)
-            f, inner = kernels.estimate_cap_sample(x, y, weight, bias, stride, padding, options, seeds)
+            conv = (stride, padding)
+            f, inner = _fused_estimate_cap_sample(kernels, x, y, weight, bias, *conv, options, seeds, record)
         # Saved as torch's ReLU saves its result: changing it in place is an autograd error.
         ctx.save_for_backward(x, weight, f, inner)
         ctx.conv = (stride, padding, bias is not None)

@@ -74,10 +74,9 @@ class QConvOptions:
         estimation and the cap are one compiled pass (:mod:`qcnn.accel.estimate`) that gives
         the same numbers. On CUDA, with Triton installed (torch's CUDA builds bring it), the
         norms, estimation, cap and sampling, and the Gaussian δ noise, run as fused Triton
-        kernels (:mod:`qcnn.accel.fused`) without cost tracking, once they pass a smoke test
-        on the device (else a warning, and torch operations); they draw other random
-        numbers than torch operations, from the same distributions. False uses torch
-        operations everywhere.
+        kernels (:mod:`qcnn.accel.fused`), once they pass a smoke test on the device (else a
+        warning, and torch operations); they draw other random numbers than torch
+        operations, from the same distributions. False uses torch operations everywhere.
     """
 
     epsilon: float = 0.01

@@ -25,6 +25,7 @@ from qcnn import QConv2d, add_gradient_noise
 from qcnn.accel import fused
 from qcnn.accel.fused import kernels
 from qcnn.accel.fused.kernels import _exponential
+from qcnn.cost import layer_cost, summarise
 from qcnn.estimation import patch_norms
 from qcnn.options import QConvOptions
 from qcnn.sampling import _search_draws, n_samples
@@ -273,16 +274,42 @@ def test_optimiser_step_noise_is_delta_norm_times_the_kernels_normals(monkeypatc
     assert params[2].grad is None
 
 
-@pytest.mark.parametrize(
-    "options",
-    [{"fused": False}, {"estimator": "shots"}, {"dtype": torch.float64}, {"track_cost": True}],
-)
+@pytest.mark.parametrize("options", [{"fused": False}, {"estimator": "shots"}, {"dtype": torch.float64}])
 def test_layer_keeps_torch_operations_where_the_kernels_do_not_apply(fused_calls, options):
-    track_cost = options.pop("track_cost", False)
     layer, x = layer_and_input(19, **options)
-    layer.track_cost = track_cost
     layer(x.to(layer.weight.dtype))
     assert fused_calls == []
+
+
+@pytest.mark.parametrize("options", [{"sigma": 0.5, "cap": 1.0}, {"sigma": None, "cap": math.inf}])
+def test_cost_accounting_observes_the_fused_pass(fused_calls, options):
+    """Tracking the cost used to send the layer to torch operations, which draw other
+    numbers: an evaluation with accounting on did not compute what training computed."""
+    options = {"epsilon": 0.1, **options}
+    outputs = []
+    for track_cost in (False, True):
+        layer, x = layer_and_input(26, generator=generator(27), **options)
+        layer.track_cost = track_cost
+        outputs.append(layer(x).detach())
+    assert len(fused_calls) == 2 and torch.equal(*outputs)
+    cost = layer.last_cost
+    # The reference: the torch formula on the kernel's own normals, before the sampling.
+    seeds = kernels.draw_seeds(generator(27), DEVICE)
+    y = F.conv2d(x.detach(), layer.weight.detach(), None, STRIDE, PADDING)
+    normals = philox_numbers(seeds, 0, y.numel()).view_as(y)
+    weight = layer.weight.detach()
+    f, _ = torch_formula(x.detach(), y, weight, layer.bias.detach(), layer.options, normals)
+    scale = patch_norms(x.detach(), (3, 3), STRIDE, PADDING) * weight.flatten(1).norm(dim=1).view(1, -1, 1, 1)
+    expected = layer_cost(*summarise(scale, f, layer.options.cap), None, f[0].numel(), 1, 0.1, 18)
+    assert (cost.images, cost.outputs, cost.classical_cost) == (4, 3 * 5 * 6, 3 * 5 * 6 * 18)
+    assert cost.max_norm_product == pytest.approx(expected.max_norm_product, rel=1e-5)
+    assert cost.mean_activation == pytest.approx(expected.mean_activation, rel=1e-5)
+    if options["sigma"] is None:
+        assert cost.samples == cost.outputs and cost.distinct_fraction == 1.0
+    else:
+        kept = (outputs[1] != 0).flatten(1).sum(1).double() / cost.outputs  # f > 0 where kept here
+        assert cost.samples == n_samples(0.5, cost.outputs)
+        assert cost.distinct_fraction >= kept.mean().item() and cost.distinct_fraction <= 0.5
 
 
 def test_layer_falls_back_to_torch_operations_when_the_smoke_test_fails(monkeypatch, caplog):

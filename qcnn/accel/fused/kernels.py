@@ -5,7 +5,8 @@
   ReLU in either order (2.2), then ⌊σK⌋ draws with probability ∝ f or ∝ f² (2.3). The draws
   are made as in :mod:`qcnn.sampling`: sorted uniforms from the partial sums of N + 1
   exponentials, each mapped to its position by a binary search of the float64 CDF. An
-  all-zero image keeps only zeros wherever its draws land.
+  all-zero image keeps only zeros wherever its draws land. On request it also sums up, per
+  image, what the cost accounting reads.
 - :func:`gaussian_noise`: g + δ‖g‖₂ξ for each row of a gradient (3).
 
 Random numbers are Triton's Philox (``tl.randn``, ``tl.rand``) keyed by seeds that
@@ -34,6 +35,8 @@ _BLOCK = 1024
 # (read by the forward kernel as seeds 0 and 1), then the noise of ∂L/∂F and of ∂L/∂X.
 LAYER_SEEDS = 4
 WEIGHT_GRADIENT_SEED, INPUT_GRADIENT_SEED = 2, 3
+# Per image, what :func:`estimate_cap_sample` sums up for the cost accounting, in this order.
+SUMMARY_FIELDS = ("largest patch norm", "sum of f", "largest f", "distinct positions kept")
 
 
 def draw_seeds(
@@ -80,14 +83,16 @@ def estimate_cap_sample(
     padding: tuple[int, int],
     options: QConvOptions,
     seeds: torch.Tensor,
+    summaries: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """f(Ŷ) kept at the sampled positions, from Y = conv2d(x, weight) (no bias), in one kernel.
 
     Returns (out, inner): ``out`` shaped like ``y`` (written into ``y`` in theory order);
     ``inner`` = Y + bias for the authors' cap order, whose inner clamp gates the gradient
     (written into ``y``), else None. Inputs are float32; ``options.estimator`` is "gaussian"
-    or "exact". The cost accounting's distinct fraction is not computed here: with
-    ``record``, the layer runs torch operations.
+    or "exact". ``summaries``, if given, a float64 (images, 4) tensor, receives per image
+    what the cost accounting reads (:data:`SUMMARY_FIELDS`), from the values the kernel
+    computes: accounting observes the pass, it does not change it.
     """
     x, y = x.contiguous(), y.contiguous()
     images, out_channels, out_h, out_w = y.shape
@@ -109,6 +114,7 @@ def estimate_cap_sample(
             y, y if bias is None else bias, out, cdf, hits, seeds,
             out_channels, out_h, out_w, stride[0], stride[1], padding[0], padding[1],
             2 * options.epsilon, options.cap, draws, outputs.bit_length(),
+            y if summaries is None else summaries, SUMMARISE=summaries is not None,
             NOISE=noise, HAS_BIAS=bias is not None, AUTHORS_ORDER=authors_order, SAMPLE=sample,
             QUADRATIC=options.sampling == "quadratic",
             POSITIONS=min(_BLOCK, 1 << (out_h * out_w - 1).bit_length()), BLOCK=_BLOCK,
@@ -150,7 +156,7 @@ def _estimate_cap_sample(
     w_ptr, volume, kernel_h, kernel_w,
     y_ptr, bias_ptr, out_ptr, cdf_ptr, hit_ptr, seeds_ptr,
     out_channels, out_h, out_w, stride_h, stride_w, pad_h, pad_w,
-    noise_scale, cap, draws, search_steps,
+    noise_scale, cap, draws, search_steps, summary_ptr, SUMMARISE: tl.constexpr,
     NOISE: tl.constexpr, HAS_BIAS: tl.constexpr, AUTHORS_ORDER: tl.constexpr,
     SAMPLE: tl.constexpr, QUADRATIC: tl.constexpr, POSITIONS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
@@ -160,6 +166,9 @@ def _estimate_cap_sample(
     row = image * outputs  # this image's outputs, channel-major as in y
     lanes = tl.arange(0, BLOCK)
     estimation_seed = tl.load(seeds_ptr)
+    largest_norm = tl.zeros([], tl.float32)
+    f_sum = tl.zeros([], tl.float64)
+    f_max = tl.zeros([], tl.float32)
 
     # 1. f(Ŷ) everywhere. A block of positions takes its patch norms once, for every channel.
     for first in range(0, positions, POSITIONS):
@@ -178,6 +187,8 @@ def _estimate_cap_sample(
                     v = tl.load(plane + r * x_row_stride + col, mask=inside, other=0.0)
                     squares += v * v
         patch_norms = tl.sqrt(squares)
+        if SUMMARISE:
+            largest_norm = tl.maximum(largest_norm, tl.max(tl.where(live, patch_norms, 0.0), 0))
         for q in range(out_channels):
             kernel_squares = tl.zeros([BLOCK], tl.float32)
             for start in range(0, volume, BLOCK):
@@ -197,6 +208,10 @@ def _estimate_cap_sample(
                 y_hat = tl.clamp(y, 0.0, cap, propagate_nan=tl.PropagateNan.ALL) + (y_hat - y)
             f = tl.clamp(y_hat, 0.0, cap, propagate_nan=tl.PropagateNan.ALL)
             tl.store(out_ptr + k, f, mask=live)
+            if SUMMARISE:
+                counted = tl.where(live, f, 0.0)
+                f_sum += tl.sum(counted.to(tl.float64), 0)
+                f_max = tl.maximum(f_max, tl.max(counted, 0))
             if SAMPLE:
                 tl.store(hit_ptr + k, tl.zeros([POSITIONS], tl.int8), mask=live)
 
@@ -246,12 +261,22 @@ def _estimate_cap_sample(
         tl.debug_barrier()
 
         # 4. Keep f where a draw landed, 0 elsewhere.
+        kept = tl.zeros([], tl.int32)
         for first in range(0, outputs, BLOCK):
             k = first + lanes
             live = k < outputs
             hit = tl.load(hit_ptr + row + k, mask=live, other=0)
             f = tl.load(out_ptr + row + k, mask=live)
             tl.store(out_ptr + row + k, f * hit.to(tl.float32), mask=live)
+            kept += tl.sum(hit.to(tl.int32), 0)
+    else:
+        kept = tl.zeros([], tl.int32) + outputs
+    if SUMMARISE:
+        summary = summary_ptr + image * 4
+        tl.store(summary, largest_norm.to(tl.float64))
+        tl.store(summary + 1, f_sum)
+        tl.store(summary + 2, f_max.to(tl.float64))
+        tl.store(summary + 3, kept.to(tl.float64))
 
 
 @triton.jit
