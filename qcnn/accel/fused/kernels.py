@@ -55,7 +55,8 @@ def smoke_test(device: torch.device) -> None:
     both cap orders run, with noise and a bias. The convolution of ones is 9 everywhere and
     ‖A_p‖‖F_q‖ = 9, so with ε = 0.01 the noise is at most 2ε · 9 · 5.68 < 1.1 (Triton's
     normals stay within √(−2 ln 10⁻⁷) ≈ 5.68): below the cap of 20, the outputs kept lie
-    within 1.1 of 9, the others are 0, and 1 to 4 are kept (⌊σK⌋ = 4 draws) per image. The
+    within 1.1 of 9, the others are 0, and 1 to 4 are kept (⌊σK⌋ = 4 draws) per image; the
+    cost accounting's sums count them, and the largest ‖A_p‖ is 3. The
     δ noise of each row stays within δ‖g‖₂ · 5.68.
     """
     x, weight = torch.ones(2, 1, 4, 4, device=device), torch.ones(2, 1, 3, 3, device=device)
@@ -64,10 +65,13 @@ def smoke_test(device: torch.device) -> None:
     for cap_order in ("theory", "authors"):
         options = QConvOptions(epsilon=0.01, cap=20.0, sigma=0.5, cap_order=cap_order)
         y = torch.nn.functional.conv2d(x, weight)
-        out, _ = estimate_cap_sample(x, y, weight, bias, (1, 1), (0, 0), options, seeds)
+        summaries = torch.zeros(2, 4, dtype=torch.float64, device=device)  # as with cost accounting
+        out, _ = estimate_cap_sample(x, y, weight, bias, (1, 1), (0, 0), options, seeds, summaries)
         kept = (out != 0).flatten(1).sum(1)
         if not (((out == 0) | ((out - 9).abs() < 1.1)).all() and ((kept >= 1) & (kept <= 4)).all()):
             raise RuntimeError(f"the fused forward kernel gave {out.flatten(1).tolist()} ({cap_order})")
+        if not torch.equal(summaries[:, 3], kept.double()) or not (summaries[:, 0] == 3).all():
+            raise RuntimeError(f"the fused forward kernel summed up {summaries.tolist()} ({cap_order})")
     noisy = gaussian_noise(out, 0.01, seeds, WEIGHT_GRADIENT_SEED, 2)
     bound = 0.01 * 5.7 * torch.linalg.vector_norm(out.flatten(1), dim=1)
     if not ((noisy - out).flatten(1).abs().amax(1) <= bound).all() or torch.equal(noisy, out):
