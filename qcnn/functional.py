@@ -342,7 +342,9 @@ def qconv2d_with_options(
     """
     check_input(input, weight, generator)
     plain = norm is not None or shortcut is not None or options.backend != "torch"
-    if plain or not _compiles(input, options):  # else the compiled pass checks its estimates
+    # The compiled CPU pass raises on NaN and inf estimates, the fused CUDA kernel makes
+    # their image NaN: neither needs a pass over the input, nor (on CUDA) a wait for the GPU.
+    if plain or not (_compiles(input, options) or _fused_kernels(input, weight, options)):
         check_finite(input, weight)
     stride, padding = conv_pair("stride", stride, 1), conv_pair("padding", padding, 0)
     check_geometry(input, tuple(weight.shape[2:]), stride, padding, options)

@@ -274,6 +274,20 @@ def test_optimiser_step_noise_is_delta_norm_times_the_kernels_normals(monkeypatc
     assert params[2].grad is None
 
 
+@pytest.mark.parametrize("options", [{}, {"estimator": "exact"}, {"cap_order": "authors", "sigma": None}])
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's inf − inf
+def test_a_nan_or_inf_input_makes_its_image_nan_without_a_check_on_the_host(fused_calls, options, value):
+    """The layer checked its input with .item(), which makes the host wait for the GPU; the
+    kernel now makes the image NaN instead of letting the cap or the sampling hide it."""
+    layer, x = layer_and_input(28, generator=generator(29), **options)
+    with torch.no_grad():
+        x[1, 0, 4, 4] = value
+    out = layer(x)
+    assert len(fused_calls) == 1
+    assert out[1].isnan().all() and torch.isfinite(out[[0, 2, 3]]).all()
+
+
 @pytest.mark.parametrize("options", [{"fused": False}, {"estimator": "shots"}, {"dtype": torch.float64}])
 def test_layer_keeps_torch_operations_where_the_kernels_do_not_apply(fused_calls, options):
     layer, x = layer_and_input(19, **options)

@@ -5,8 +5,10 @@
   ReLU in either order (2.2), then ⌊σK⌋ draws with probability ∝ f or ∝ f² (2.3). The draws
   are made as in :mod:`qcnn.sampling`: sorted uniforms from the partial sums of N + 1
   exponentials, each mapped to its position by a binary search of the float64 CDF. An
-  all-zero image keeps only zeros wherever its draws land. On request it also sums up, per
-  image, what the cost accounting reads.
+  all-zero image keeps only zeros wherever its draws land. An image with a NaN or infinite
+  estimate (from its input or the weights) comes out all NaN, which the loss then shows:
+  the layer needs no check that makes the host wait for the GPU. On request it also sums
+  up, per image, what the cost accounting reads.
 - :func:`gaussian_noise`: g + δ‖g‖₂ξ for each row of a gradient (3).
 
 Random numbers are Triton's Philox (``tl.randn``, ``tl.rand``) keyed by seeds that
@@ -173,6 +175,7 @@ def _estimate_cap_sample(
     largest_norm = tl.zeros([], tl.float32)
     f_sum = tl.zeros([], tl.float64)
     f_max = tl.zeros([], tl.float32)
+    special = tl.zeros([], tl.int32)  # estimates that are NaN or inf
 
     # 1. f(Ŷ) everywhere. A block of positions takes its patch norms once, for every channel.
     for first in range(0, positions, POSITIONS):
@@ -210,6 +213,7 @@ def _estimate_cap_sample(
             if AUTHORS_ORDER:  # clamp(clamp(Y) + noise); Y + bias kept for the backward's gate
                 tl.store(y_ptr + k, y, mask=live)
                 y_hat = tl.clamp(y, 0.0, cap, propagate_nan=tl.PropagateNan.ALL) + (y_hat - y)
+            special += tl.sum((live & ~(tl.abs(y_hat) < float("inf"))).to(tl.int32), 0)
             f = tl.clamp(y_hat, 0.0, cap, propagate_nan=tl.PropagateNan.ALL)
             tl.store(out_ptr + k, f, mask=live)
             if SUMMARISE:
@@ -275,6 +279,10 @@ def _estimate_cap_sample(
             kept += tl.sum(hit.to(tl.int32), 0)
     else:
         kept = tl.zeros([], tl.int32) + outputs
+    if special > 0:  # the whole image NaN: the cap or the sampling would hide it from the loss
+        for first in range(0, outputs, BLOCK):
+            k = first + lanes
+            tl.store(out_ptr + row + k, tl.full([BLOCK], float("nan"), tl.float32), mask=k < outputs)
     if SUMMARISE:
         summary = summary_ptr + image * 4
         tl.store(summary, largest_norm.to(tl.float64))
