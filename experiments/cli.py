@@ -100,11 +100,15 @@ def optional_float(text: str) -> float | None:
     return None if text.lower() == "none" else float(text)
 
 
-def add_run_options(parser: argparse.ArgumentParser, grid: bool = False, nets: bool = False) -> None:
+def add_run_options(
+    parser: argparse.ArgumentParser, grid: bool = False, nets: bool = False, from_run: bool = False
+) -> None:
     """The options of one training run, defaults from RunConfig (the paper's).
 
     With ``grid``, --epsilon, --cap, --sigma and --delta take several values (sweep axes);
-    with ``nets``, --net takes several networks.
+    with ``nets``, --net takes several networks; with ``from_run``, the net, the data and the
+    batch sizes are a source run's (``finetune``), so they are not offered, and passing one
+    is an error rather than an option silently overridden.
     """
     d = DEFAULTS
 
@@ -114,13 +118,14 @@ def add_run_options(parser: argparse.ArgumentParser, grid: bool = False, nets: b
     group = parser.add_argument_group("training (defaults: the paper's)")
     if nets:
         group.add_argument("--net", choices=tuple(NETWORKS), nargs="+", default=[d.net], help="networks")
-    else:
+    elif not from_run:
         group.add_argument("--net", choices=tuple(NETWORKS), default=d.net, help="network")
     group.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training images")
-    group.add_argument("--train-limit", type=int, default=None, help="first N training images")
-    group.add_argument("--test-limit", type=int, default=None, help="first N test images")
-    group.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size")
-    group.add_argument("--test-batch-size", type=int, default=d.test_batch_size, help="test batch size")
+    if not from_run:
+        group.add_argument("--train-limit", type=int, default=None, help="first N training images")
+        group.add_argument("--test-limit", type=int, default=None, help="first N test images")
+        group.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size")
+        group.add_argument("--test-batch-size", type=int, default=d.test_batch_size, help="test batch size")
     group.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
                        help="default: the net's recipe (experiments.config.RECIPES; sgd for authors, lenet5)")
     group.add_argument("--lr", type=float, default=None, help="default: the net's recipe (0.01 for authors)")
@@ -513,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--calibrate", type=int, default=2560, metavar="N",
                           help="training images that calibrate the BatchNorms first (0: none)")  # fmt: skip
     finetune.add_argument("--out", default="runs/finetune", help="output folder (resumable)")
-    add_run_options(finetune)
+    add_run_options(finetune, from_run=True)
     finetune.set_defaults(func=cmd_finetune, epochs=1)
     evaluate.set_defaults(func=cmd_evaluate)
 

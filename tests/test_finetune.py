@@ -79,6 +79,10 @@ def test_finetune_cli_prints_each_step_and_refuses_a_qcnn_run(resnet_run, tmp_pa
     with pytest.raises(SystemExit) as raised:
         cli.main(["finetune", str(run), "--out", str(tmp_path / "again")])
     assert "is not a CNN run (its model is 'qcnn')" in str(raised.value.code)
+    for taken_from_the_run in (["--net", "vgg"], ["--train-limit", "100"], ["--batch-size", "8"]):
+        with pytest.raises(SystemExit):  # the source run's, not an option to override silently
+            cli.main(["finetune", str(resnet_run), *taken_from_the_run, "--out", str(tmp_path / "other")])
+        assert f"unrecognized arguments: {' '.join(taken_from_the_run)}" in capsys.readouterr().err
 
 
 def test_evaluate_calibrates_and_diagnoses_each_layer(resnet_run, tmp_path, mnist_raw_dir, capsys):
